@@ -81,7 +81,7 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
                     r.raise_for_status()
                     mode = "ab" if have and r.status_code == 206 else "wb"  # server ignored Range: start over
                     with open(tmp, mode) as f:
-                        for block in r.iter_content(1 << 20):
+                        for block in r.iter_content(1 << 18):
                             f.write(block)
             if verify_parquet(tmp) <= 0:
                 raise DataError(f"{url}: no rows")
@@ -612,7 +612,10 @@ def train_merges(docs, vocab_size: int, workers: int | None = None, verbose: boo
         raise DataError("empty corpus: no text to train the tokenizer on")
     if verbose:
         print(f"counted {int(counts.sum()):,} chunks, {len(lens):,} unique, in {time.time() - t0:.1f}s")
-    return bpe_merges(data, lens, counts, n_merges, verbose=verbose)
+    merges = bpe_merges(data, lens, counts, n_merges, verbose=verbose)
+    if len(merges) < n_merges:
+        print(f"note: the corpus ran out of pairs after {len(merges)} merges: vocab size {256 + len(merges) + len(SPECIAL_TOKENS)}")
+    return merges
 
 
 # ----------------------------------------------------------------------------- the Tokenizer
@@ -876,7 +879,8 @@ def main(argv=None):
                 raise DataError("no held-out text on disk: pass --data PATH or download a dataset first")
             evaluate(tokenizer, sources, args.max_chars)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
