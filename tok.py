@@ -9,7 +9,7 @@ Text sources (one iterator for every consumer), a byte-level BPE trainer vectori
 (splitting, counting and merging), and the Tokenizer: tiktoken does the encoding, we own the
 vocabulary, the special tokens and the chat rendering.
 """
-import argparse, fcntl, gzip, hashlib, heapq, json, os, sys, time, unicodedata
+import argparse, fcntl, gzip, hashlib, heapq, json, os, random, sys, time, unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -217,10 +217,6 @@ def iter_batches(data: str = "climbmix", split: str = "train", rank: int = 0, wo
         yield u, docs
 
 
-def _toy_units():
-    raise DataError("--data toy: the toy world is not built yet (issue 6)")
-
-
 def iter_documents(data: str, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None):
     """Documents of a source, each cut to doc_cap characters, until max_chars have been yielded."""
     seen = 0
@@ -234,6 +230,161 @@ def iter_documents(data: str, split: str = "train", max_chars: int | None = None
                 seen += len(d)
             if max_chars is not None and seen >= max_chars:
                 return
+
+
+# ----------------------------------------------------------------------------- the toy world
+# A small synthetic world that a tiny model can learn on a CPU, so every stage can show it works
+# offline: people with a town, job, pet, colour and food; towns with a river and a craft. Documents
+# state these facts in varied phrasings and orders among filler prose, next to worked arithmetic
+# problems and spellings. Everything comes from random.Random seeded with strings (sha512-based, the
+# same on every machine and Python version): same seed, same world, same documents.
+TOY_VERSION = 1
+TOY_UNITS, TOY_UNIT_DOCS = 64, 256  # one epoch of toy text: 64 units of 256 documents
+_SYL = ["ka", "lo", "mi", "ra", "ten", "vo", "sha", "bel", "dor", "fi", "gan", "hu", "ir", "jo", "kel", "lun", "mar", "nor",
+        "pe", "quo", "ros", "sil", "tu", "var", "wen", "yar", "zel", "an", "bri", "cor"]
+_JOBS = ["baker", "sailor", "farmer", "teacher", "potter", "weaver", "doctor", "miner", "painter", "singer", "tailor", "smith"]
+_PETS = ["cat", "dog", "goat", "owl", "rabbit", "parrot", "turtle", "horse", "fox", "duck"]
+_COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver", "brown"]
+_FOODS = ["bread", "cheese", "apples", "soup", "rice", "honey", "fish", "plums", "beans", "pie"]
+_CRAFTS = ["glass", "rope", "clocks", "boats", "lace", "bells", "paper", "carpets"]
+_WORDS = ("apple banana cherry garden window mountain river forest bottle pencil letter summer winter strawberry "
+          "kitchen blanket candle ladder mirror pillow rocket saddle tunnel valley wagon yellow zipper butter "
+          "coffee dinner engine farmer guitar hammer island jacket kettle lemon market needle orange pepper "
+          "puzzle rabbit silver tomato umbrella violin walnut basket bridge castle desert feather harbor").split()
+TOY_RELATIONS = {  # relation -> (question, answer sentence, phrasings for documents)
+    "town": ("Where does {s} live?", "{s} lives in {o}.",
+             ["{s} lives in {o}.", "{s} has made a home in {o}.", "In {o} you will find {s}.", "The house of {s} is in {o}."]),
+    "job": ("What does {s} do for a living?", "{s} works as a {o}.",
+            ["{s} works as a {o}.", "By trade, {s} is a {o}.", "{s} earns a living as a {o}.", "Everyone knows {s} the {o}."]),
+    "pet": ("What pet does {s} have?", "{s} has a {o}.",
+            ["{s} has a {o}.", "A {o} lives with {s}.", "{s} takes care of a pet {o}.", "The pet of {s} is a {o}."]),
+    "color": ("What is the favorite color of {s}?", "The favorite color of {s} is {o}.",
+              ["The favorite color of {s} is {o}.", "{s} loves the color {o}.", "{s} likes {o} more than any other color.", "Ask {s} about colors and you will hear: {o}."]),
+    "food": ("What food does {s} like best?", "{s} likes {o} best.",
+             ["{s} likes {o} best.", "For dinner {s} always wants {o}.", "No food pleases {s} like {o}.", "{s} would eat {o} every day."]),
+    "river": ("Which river flows through {s}?", "The {o} river flows through {s}.",
+              ["The {o} river flows through {s}.", "{s} lies on the {o} river.", "Boats on the {o} river pass {s}."]),
+    "craft": ("What is {s} known for?", "{s} is known for its {o}.",
+              ["{s} is known for its {o}.", "The {o} of {s} are famous.", "People travel to {s} for its {o}."]),
+}
+_FILLER = ["The morning was quiet.", "Rain fell for most of the week.", "Nobody remembers when the old road was built.",
+           "It was a long winter that year.", "The market opens early on most days.", "Children played by the water.",
+           "A cold wind came down from the hills.", "Letters arrived once a month.", "The bells rang at noon.",
+           "Some say the stories are older than the towns.", "The harvest was good.", "Lamps were lit at dusk."]
+_MATH = [  # (question, the python the solver writes, a sentence with the answer); numbers a > b
+    ("{p} has {a} baskets with {b} apples in each. How many apples does {p} have?", "{a}*{b}", "{p} has {r} apples."),
+    ("{p} had {a} coins and spent {b} of them. How many coins are left?", "{a}-{b}", "{p} has {r} coins left."),
+    ("{p} picked {a} plums in the morning and {b} in the afternoon. How many plums did {p} pick?", "{a}+{b}", "{p} picked {r} plums."),
+    ("{p} shares {ab} nuts equally among {b} friends. How many nuts does each friend get?", "{ab}//{b}", "Each friend gets {r} nuts."),
+    ("A {job} makes {a} cups a day for {b} days, then breaks {c} of them. How many cups are left?", "{a}*{b}-{c}", "There are {r} cups left."),
+]
+
+
+class ToyWorld:
+    """The world for one seed: entities, their facts, and generators of documents and questions."""
+
+    def __init__(self, seed: int = 0, n_people: int = 100, n_towns: int = 16, heldout_frac: float = 0.2):
+        rng = random.Random(f"toyworld:{TOY_VERSION}:{seed}:world")
+        self.seed = seed
+        names = set()
+        while len(names) < n_people + n_towns + 8:
+            names.add("".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize())
+        names = sorted(names)
+        rng.shuffle(names)
+        self.towns = names[:n_towns]
+        rivers = names[n_towns:n_towns + 8]
+        firsts = names[n_towns + 8:]
+        self.people = [f"{f} {rng.choice(self.towns)[:3]}{rng.choice(_SYL)}" for f in firsts[:n_people]]
+        self.facts = []  # (subject, relation, object)
+        for p in self.people:
+            for rel, pool in (("town", self.towns), ("job", _JOBS), ("pet", _PETS), ("color", _COLORS), ("food", _FOODS)):
+                self.facts.append((p, rel, rng.choice(pool)))
+        for t in self.towns:
+            self.facts += [(t, "river", rng.choice(rivers)), (t, "craft", rng.choice(_CRAFTS))]
+        order = list(range(len(self.facts)))
+        rng.shuffle(order)
+        n_held = int(len(order) * heldout_frac)
+        self.heldout = sorted(order[:n_held])  # facts never asked in SFT or RL data: their accuracy is knowledge
+        self.train_facts = sorted(order[n_held:])
+        self.by_subject = {}
+        for f in self.facts:
+            self.by_subject.setdefault(f[0], []).append(f)
+        words = sorted(set(_WORDS) | {n.lower() for n in names[:40]})
+        rng.shuffle(words)
+        self.spell_test, self.spell_train = words[:len(words) // 5], words[len(words) // 5:]
+
+    # --- documents
+    def document(self, i: int) -> str:
+        """Document i of the endless stream: mostly facts about one entity, with filler, or a worked
+        problem, or spellings."""
+        rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:doc:{i}")
+        kind = rng.random()
+        if kind < 0.7:
+            subject = rng.choice(self.people + self.towns)
+            facts = list(self.by_subject[subject])
+            rng.shuffle(facts)
+            sents = [rng.choice(TOY_RELATIONS[r][2]).format(s=s, o=o) for s, r, o in facts[:rng.randint(2, len(facts))]]
+            for _ in range(rng.randint(0, 3)):
+                sents.insert(rng.randint(0, len(sents)), rng.choice(_FILLER))
+            return " ".join(sents)
+        if kind < 0.85:
+            q = self.math_item(rng.randrange(1 << 30))
+            return f"Question: {q['question']}\nAnswer: {q['expr']} = {q['answer']}. {q['sentence']}"
+        w = rng.choice(self.spell_train + self.spell_test)
+        c = rng.choice(w)
+        return f"The word {w} is spelled {'-'.join(w)}. The letter {c} appears {w.count(c)} times in {w}."
+
+    # --- questions, as conversations a chat model learns and is graded on
+    def fact_item(self, k: int) -> dict:
+        s, r, o = self.facts[k]
+        question, answer, _ = TOY_RELATIONS[r]
+        return {"messages": [{"role": "user", "content": question.format(s=s)},
+                             {"role": "assistant", "content": answer.format(s=s, o=o)}], "answer": o, "relation": r}
+
+    def math_item(self, i: int) -> dict:
+        rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:math:{i}")
+        q, expr, sent = rng.choice(_MATH)
+        b = rng.randint(2, 12)
+        a = rng.randint(b + 1, 99)
+        c = rng.randint(1, 5)  # below a * b >= 6: no negative answers
+        v = dict(p=rng.choice(self.people).split()[0], a=a, b=b, c=c, ab=a * b, job=rng.choice(_JOBS))
+        expr = expr.format(**v)
+        r = int(eval(expr, {"__builtins__": {}}))  # our own template arithmetic, never user input
+        v["r"] = r
+        question, sentence = q.format(**v), sent.format(**v)
+        parts = [{"type": "text", "text": "Let me compute it. "}, {"type": "python", "text": expr},
+                 {"type": "python_output", "text": str(r)}, {"type": "text", "text": f" {sentence}\n#### {r}"}]
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
+                "question": question, "expr": expr, "answer": r, "sentence": sentence}
+
+    def math_items(self, split: str, n: int) -> list:
+        """n word problems of a split; a problem is test iff the hash of its text is 0 mod 10, so the
+        two splits never share a question."""
+        out, i = [], 0
+        while len(out) < n:
+            item = self.math_item(i)
+            i += 1
+            if (hashlib.sha1(item["question"].encode()).digest()[0] % 10 == 0) == (split == "test"):
+                out.append(item)
+        return out
+
+    def spell_item(self, word: str, i: int) -> dict:
+        rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:spell:{word}:{i}")
+        if rng.random() < 0.5:
+            return {"messages": [{"role": "user", "content": f"Spell the word {word}."},
+                                 {"role": "assistant", "content": f"{word} is spelled {'-'.join(word)}."}],
+                    "answer": "-".join(word), "kind": "spell"}
+        c = rng.choice(sorted(set(word)) + ["z", "q"])
+        n = word.count(c)
+        return {"messages": [{"role": "user", "content": f"How many times does the letter {c} appear in {word}?"},
+                             {"role": "assistant", "content": f"{word} is spelled {'-'.join(word)}. The letter {c} appears {n} times.\n#### {n}"}],
+                "answer": n, "kind": "count"}
+
+
+def _toy_units(seed: int = 0):
+    world = ToyWorld(seed)
+    for u in range(TOY_UNITS):
+        yield [world.document(u * TOY_UNIT_DOCS + j) for j in range(TOY_UNIT_DOCS)]
 
 
 # ----------------------------------------------------------------------------- splitting, vectorized

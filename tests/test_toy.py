@@ -1,0 +1,59 @@
+import re, subprocess, sys
+
+import tok
+
+WORLD = tok.ToyWorld(0)
+
+
+def test_same_seed_same_bytes_across_processes():
+    code = "import tok; w = tok.ToyWorld(0); print(repr([w.document(i) for i in range(300)]))"
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": str(h), "PATH": ""}, cwd=tok.Path(tok.__file__).parent).stdout
+            for h in (1, 2)]
+    assert runs[0] == runs[1] == repr([WORLD.document(i) for i in range(300)]) + "\n"
+    other = tok.ToyWorld(1)
+    assert other.people != WORLD.people
+    assert [other.document(i) for i in range(50)] != [WORLD.document(i) for i in range(50)]
+
+
+def test_splits_disjoint():
+    assert not set(WORLD.heldout) & set(WORLD.train_facts)
+    assert sorted(WORLD.heldout + WORLD.train_facts) == list(range(len(WORLD.facts)))
+    assert not set(WORLD.spell_test) & set(WORLD.spell_train)
+    train_q = {m["question"] for m in WORLD.math_items("train", 400)}
+    test_q = {m["question"] for m in WORLD.math_items("test", 100)}
+    assert len(test_q) > 50 and not train_q & test_q
+    docs_val = [d for _, ds in tok.iter_batches("toy", "val") for d in ds]
+    docs_train = [d for _, ds in tok.iter_batches("toy", "train") for d in ds][:3000]
+    assert len(docs_val) == tok.TOY_UNITS * 3 and docs_train[0] == WORLD.document(1)
+
+
+def test_math_answers_recomputed():
+    ops = {"*": lambda a, b: a * b, "-": lambda a, b: a - b, "+": lambda a, b: a + b, "//": lambda a, b: a // b}
+    for item in WORLD.math_items("train", 300) + WORLD.math_items("test", 100):
+        nums = [int(x) for x in re.findall(r"\d+", item["expr"])]
+        signs = re.findall(r"//|[*+-]", item["expr"])
+        value = ops[signs[0]](nums[0], nums[1])
+        if len(signs) == 2:  # a*b-c: the only two-step template, multiplication first
+            value = ops[signs[1]](value, nums[2])
+        assert value == item["answer"] > 0
+        parts = item["messages"][1]["content"]
+        assert parts[1] == {"type": "python", "text": item["expr"]} and parts[2]["text"] == str(value)
+        assert parts[-1]["text"].endswith(f"#### {value}")
+
+
+def test_heldout_facts_appear_in_documents():
+    text = "\n".join(WORLD.document(i) for i in range(tok.TOY_UNIT_DOCS * 16))
+    for k in WORLD.heldout:
+        s, r, o = WORLD.facts[k]
+        assert any(p.format(s=s, o=o) in text for p in tok.TOY_RELATIONS[r][2]), WORLD.facts[k]
+
+
+def test_spelling_items_are_right():
+    for i, w in enumerate(WORLD.spell_train[:50]):
+        item = WORLD.spell_item(w, i)
+        if item["kind"] == "count":
+            letter = re.search(r"letter (\w)", item["messages"][0]["content"]).group(1)
+            assert item["answer"] == w.count(letter)
+        else:
+            assert item["answer"].replace("-", "") == w
