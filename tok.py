@@ -9,7 +9,7 @@ Text sources (one iterator for every consumer), a byte-level BPE trainer vectori
 (splitting, counting and merging), and the Tokenizer: tiktoken does the encoding, we own the
 vocabulary, the special tokens and the chat rendering.
 """
-import argparse, fcntl, gzip, hashlib, heapq, json, os, random, sys, time, unicodedata
+import argparse, collections, fcntl, gzip, hashlib, heapq, itertools, json, os, random, sys, time, unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -632,120 +632,170 @@ def count_chunks(docs, workers: int | None = None):
 
 # ----------------------------------------------------------------------------- BPE merges
 # All unique chunks live in one flat array of token ids, a doubly linked list per chunk (nxt/prv,
-# -1 at the ends) so a merge rewrites in place. Pair counts are a dict {pair key: count} with a lazy
-# max-heap; positions of each pair are kept in an append-only index {pair key: [position arrays]}
-# whose stale entries are filtered when read. One merge is a handful of numpy calls over the
-# occurrences of the chosen pair and their neighbours, never a Python loop over occurrences.
+# -1 at the ends), so a merge rewrites in place. Pair counts are a dict {left * K + right: count}
+# with a lazy max-heap; where each pair occurs is an append-only index {key: [position arrays]}
+# whose stale entries are filtered when read. Per-key bookkeeping uses C-level map/dict calls.
+# Merges go in batches: the next heap tops that cannot interact are applied by one set of numpy
+# calls over all their occurrences and neighbours, never a Python loop over occurrences, and only
+# when applying them together provably equals applying them one by one (step 3 below).
 # Ties: the highest count wins, then the smallest (left id, right id). A pair whose bytes already
 # are a token is never merged: tokens are distinct byte strings, as tiktoken requires.
+HEAP_SHIFT = 1 << 40  # heap item = -count * HEAP_SHIFT + key: the smallest item is the next merge
+NEVER = -(1 << 60)    # the count of a pair that must never merge: no increment makes it positive
 
-HEAP_SHIFT = 1 << 40
 
-
-def _split(a: np.ndarray, first: np.ndarray) -> list:
-    """a cut at the indices in first (first[0] == 0): np.split without its per-piece overhead."""
-    b = first.tolist() + [len(a)]
-    return [a[i:j] for i, j in zip(b[:-1], b[1:])]
+def _slices(a: np.ndarray, first: np.ndarray):
+    """a cut at the indices in first (first[0] == 0), lazily and without a Python-level loop."""
+    return map(a.__getitem__, map(slice, first.tolist(), first[1:].tolist() + [len(a)]))
 
 
 def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges: int, verbose: bool = False):
     """Learn up to n_merges merges from unique chunks (UTF-8 bytes concatenated, lengths, counts).
     Returns a list of (left id, right id); the merge i creates token 256 + i."""
     K = 256 + n_merges                                   # pair key = left * K + right
+    K64 = np.int64(K)                                    # int32 tokens times this make int64 keys
     keep = lens > 1                                      # one-byte chunks have no pairs
-    starts = (np.cumsum(lens) - lens)[keep]
+    tok = data[_runs((np.cumsum(lens) - lens)[keep], lens[keep])].astype(np.int32)
     lens, counts = lens[keep], counts[keep]
-    pos = _runs(starts, lens)
-    tok = data[pos].astype(np.int64)
     n = len(tok)
-    w = np.repeat(counts, lens).astype(np.int64)
+    w = np.repeat(counts, lens).astype(np.int64)         # the weight of a position: its chunk's count
     ends = np.cumsum(lens)
-    nxt = np.arange(1, n + 1, dtype=np.int64)
+    nxt = np.arange(1, n + 1, dtype=np.int32)
     nxt[ends - 1] = -1
-    prv = np.arange(-1, n - 1, dtype=np.int64)
+    prv = np.arange(-1, n - 1, dtype=np.int32)
     prv[ends - lens] = -1
-    # initial pair counts and index
     left = np.flatnonzero(nxt >= 0)
-    keys = tok[left] * K + tok[left + 1]
-    order = np.argsort(keys, kind="stable")
-    sk, sc, first = _reduce_sorted(keys[order], w[left[order]])
-    count = dict(zip(sk.tolist(), sc.tolist()))
-    index = {k: [a] for k, a in zip(sk.tolist(), _split(left[order], first))}
-    # heap items are single ints, -count * 2^40 + key: the smallest is the highest count, then the
-    # smallest key. Entries go stale when a count drops; a stale pop is re-pushed with the count now.
+    keys = tok[left] * K64 + tok[left + 1]
+    o = np.argsort(keys, kind="stable")
+    keys, left = keys[o], left[o]
+    first = np.flatnonzero(np.concatenate([[len(keys) > 0], keys[1:] != keys[:-1]]))
+    uk = keys[first].tolist()
+    count = dict(zip(uk, np.add.reduceat(w[left], first).tolist())) if uk else {}
+    index = collections.defaultdict(list)
+    index.update(zip(uk, map(lambda a: [a], _slices(left, first))))
     heap = [-c * HEAP_SHIFT + k for k, c in count.items()]
     heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]
-    known, never = set(vocab), set()
-    merges = []
+    known = set(vocab)
+    merges, want = [], 4
     t0 = time.time()
     while len(merges) < n_merges and heap:
-        item = heapq.heappop(heap)
-        key = item % HEAP_SHIFT
-        c_now = count.get(key, 0)
-        if c_now != -(item // HEAP_SHIFT):
-            if c_now > 0 and key not in never:
-                heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
-            continue
-        a, b = divmod(key, K)
-        new_bytes = vocab[a] + vocab[b]
-        p = np.concatenate(index.pop(key))
-        del count[key]
-        if new_bytes in known:                           # never merged; later counts are ignored
-            never.add(key)
-            continue
-        c = len(vocab)
-        vocab.append(new_bytes)
-        known.add(new_bytes)
-        merges.append((a, b))
-        # live occurrences of (a, b): stale index entries fail one of these tests
+        # 1. candidates: the valid heap tops in order, while no two can touch a common position
+        #    (which needs one's right token to be the other's left token)
+        cand, lefts, rights, pending = [], set(), set(), set()
+        while heap and len(cand) < want and len(merges) + len(cand) < n_merges:
+            item = heapq.heappop(heap)
+            key = item % HEAP_SHIFT
+            c_now = count.get(key, 0)
+            if c_now != -(item // HEAP_SHIFT):           # stale: re-push with the count now
+                if c_now > 0:
+                    heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
+                continue
+            a, b = divmod(key, K)
+            new_bytes = vocab[a] + vocab[b]
+            if not cand and new_bytes in known:
+                count[key] = NEVER
+                index.pop(key, None)
+                continue
+            if a in rights or b in lefts or (cand and a == b) or new_bytes in known or new_bytes in pending:
+                heapq.heappush(heap, item)
+                break
+            cand.append((key, a, b, c_now))
+            lefts.add(a)
+            rights.add(b)
+            pending.add(new_bytes)
+            if a == b:
+                break
+        if not cand:
+            break
+        # 2. their live occurrences, j = which candidate
+        arrs = [np.concatenate(index[x[0]]) for x in cand]
+        p = np.concatenate(arrs)
+        j = np.repeat(np.arange(len(cand)), [len(x) for x in arrs])
         q = nxt[p]
-        live = (tok[p] == a) & (q >= 0) & (tok[q] == b)
-        p, q = p[live], q[live]
-        if a == b and len(p) > 1:                        # runs a a a: merge left to right, every other one
-            p.sort()
-            q = nxt[p]
+        live = (tok[p] == np.array([x[1] for x in cand])[j]) & (q >= 0) & (tok[q] == np.array([x[2] for x in cand])[j])
+        p, q, j = p[live], q[live], j[live]
+        if cand[0][1] == cand[0][2] and len(p) > 1:      # runs a a a: merge left to right, every other one
+            o = np.argsort(p)
+            p, q = p[o], q[o]
             chained = np.concatenate([[False], q[:-1] == p[1:]])
             run_start = np.maximum.accumulate(np.where(chained, 0, np.arange(len(p))))
             keep = (np.arange(len(p)) - run_start) % 2 == 0
-            p, q = p[keep], q[keep]
-        # pairs that disappear start at p's left neighbour, at p and at q; dedupe (l may be a q)
+            p, q, j = p[keep], q[keep], j[keep]
         l, r = prv[p], nxt[q]
+        # 3. merging them at once equals merging them one by one unless a pair made by candidate i
+        #    could outrank a later candidate k. A pair (x', new_i) or (new_i, y') ever counts at most
+        #    the weight of i's occurrences whose left (right) token is now x (y), x' grown from x;
+        #    ties go to the smaller key, so (new_i, y') loses to k, and (x', new_i) does when x >= a_k.
+        m = len(cand)
+        if m > 1:
+            ca = np.array([x[1] for x in cand])
+            cc = np.array([x[3] for x in cand])
+            for nb, is_left in ((l, True), (r, False)):
+                has = nb >= 0
+                gk = j[has] * K64 + tok[nb[has]]
+                o = np.argsort(gk, kind="stable")
+                gk = gk[o]
+                gfirst = np.flatnonzero(np.concatenate([[len(gk) > 0], gk[1:] != gk[:-1]]))
+                if not len(gfirst):
+                    continue
+                gs = np.add.reduceat(w[p[has]][o], gfirst)
+                gj, gx = np.divmod(gk[gfirst], K)
+                beats = gs[:, None] > cc[None, :]
+                if is_left:
+                    beats |= (gs[:, None] == cc[None, :]) & (gx[:, None] < ca[None, :])
+                blocked = ((np.arange(m)[None, :] > gj[:, None]) & beats).any(axis=0)
+                if blocked.any():
+                    m = min(m, int(np.argmax(blocked)))
+            for (key, _, _, c_now), arr in zip(cand[m:], arrs[m:]):
+                heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
+                index[key] = [arr]
+            if m < len(cand):
+                sel = j < m
+                p, q, j, l, r = p[sel], q[sel], j[sel], l[sel], r[sel]
+                cand = cand[:m]
+        want = min(max(2 * m, 4), 256)
+        c0 = len(vocab)
+        for key, a, b, _ in cand:
+            vocab.append(vocab[a] + vocab[b])
+            known.add(vocab[-1])
+            merges.append((a, b))
+            del count[key], index[key]
+        # 4. pairs that disappear start at p's left neighbour and at q (p's own pair is merged away);
+        #    l may be another occurrence's q: dedupe
         old = np.concatenate([l[l >= 0], q[r >= 0]])
         old.sort()
         old = old[np.concatenate([[True], old[1:] != old[:-1]])] if len(old) else old
-        old_keys = tok[old] * K + tok[nxt[old]]
-        # rewrite: p becomes c, q leaves the list
-        tok[p] = c
+        old_keys = tok[old] * K64 + tok[nxt[old]]
+        # 5. rewrite: p becomes its new token, q leaves the list
+        tok[p] = c0 + j
         tok[q] = -1
         nxt[p] = r
         has_r = r >= 0
         prv[r[has_r]] = p[has_r]
-        # pairs that appear start at p's (new) left neighbour and at p; l is an earlier p or unique
+        # 6. pairs that appear start at p's new left neighbour (unless it was merged too) and at p
         l = prv[p]
-        new = np.concatenate([l[(l >= 0) & (tok[np.maximum(l, 0)] != c)], p[has_r]])
-        new_keys = tok[new] * K + tok[nxt[new]]
-        # one sort: count deltas for old and new pairs, and the new pairs' positions grouped by key
+        new = np.concatenate([l[(l >= 0) & (tok[np.maximum(l, 0)] < c0)], p[has_r]])
+        new_keys = tok[new] * K64 + tok[nxt[new]]
+        # 7. count deltas, applied with C-level dict calls; pairs that grew go on the heap
         dk = np.concatenate([old_keys, new_keys])
         o = np.argsort(dk, kind="stable")
         dk = dk[o]
-        dw = np.concatenate([-w[old], w[new]])[o]
         first = np.flatnonzero(np.concatenate([[True], dk[1:] != dk[:-1]])) if len(dk) else np.zeros(0, np.int64)
-        for k, d in zip(dk[first].tolist(), np.add.reduceat(dw, first).tolist() if len(first) else []):
-            if d == 0 or k == key or k in never:
-                continue
-            v = count.get(k, 0) + d
-            count[k] = v
-            if d > 0:
-                heapq.heappush(heap, -v * HEAP_SHIFT + k)
+        uk = dk[first].tolist()
+        ud = np.add.reduceat(np.concatenate([-w[old], w[new]])[o], first) if len(first) else np.zeros(0, np.int64)
+        uv = np.fromiter(map(count.get, uk, itertools.repeat(0)), np.int64, len(uk)) + ud
+        count.update(zip(uk, uv.tolist()))
+        up = np.flatnonzero((ud > 0) & (uv > 0)).tolist()
+        uvl = uv.tolist()
+        list(map(heapq.heappush, itertools.repeat(heap, len(up)), [-uvl[i] * HEAP_SHIFT + uk[i] for i in up]))
+        # 8. index the new pairs' positions (stale ones, e.g. of never-merge pairs, are harmless)
         is_new = o >= len(old)
         nk = dk[is_new]
         if len(nk):
             nfirst = np.flatnonzero(np.concatenate([[True], nk[1:] != nk[:-1]]))
-            for k, arr in zip(nk[nfirst].tolist(), _split(new[o[is_new] - len(old)], nfirst)):
-                if k not in never:
-                    index.setdefault(k, []).append(arr)
-        if verbose and len(merges) % 1000 == 0:
+            list(map(list.append, map(index.__getitem__, nk[nfirst].tolist()), _slices(new[o[is_new] - len(old)], nfirst)))
+        if verbose and len(merges) // 1000 != (len(merges) - m) // 1000:
             print(f"\rmerge {len(merges)}/{n_merges} ({time.time() - t0:.1f}s)", end="", flush=True)
     if verbose:
         print()
