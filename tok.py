@@ -542,15 +542,28 @@ def _count_window(docs: list[str]):
     return sk, sc, lk, lc, cp[_runs(l_st[rep], l_ln[rep])], l_ln[rep]
 
 
+_POWERS = {}
+
+
+def _powers(n: int):
+    """HASH_BASE^i and its modular inverse^i for i < n (uint64, wrapping), cached and grown by doubling."""
+    if _POWERS.get("n", 0) < n:
+        m = max(n, 2 * _POWERS.get("n", 1 << 20))
+        with np.errstate(over="ignore"):
+            inv = np.uint64(pow(int(HASH_BASE), -1, 1 << 64))
+            pw, ipw = np.ones(m, np.uint64), np.ones(m, np.uint64)
+            pw[1:] = np.cumprod(np.full(m - 1, HASH_BASE, np.uint64))
+            ipw[1:] = np.cumprod(np.full(m - 1, inv, np.uint64))
+        _POWERS.update(n=m, pw=pw, ipw=ipw)
+    return _POWERS["pw"], _POWERS["ipw"]
+
+
 def _poly_hash(flat: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """64-bit polynomial hash of each segment of flat (sum x_i B^i, i from the segment start) mixed
     with its length, top bit set. uint64 arithmetic wraps, which is the mod 2^64 we want."""
+    n = len(flat)
+    pw, ipw = _powers(n + 1)
     with np.errstate(over="ignore"):
-        n = len(flat)
-        pw = np.ones(n + 1, np.uint64)
-        pw[1:] = np.cumprod(np.full(n, HASH_BASE, np.uint64))
-        ipw = np.ones(n + 1, np.uint64)
-        ipw[1:] = np.cumprod(np.full(n, np.uint64(pow(int(HASH_BASE), -1, 1 << 64)), np.uint64))
         h = np.zeros(n + 1, np.uint64)
         np.cumsum(flat.astype(np.uint64) * pw[:n], out=h[1:])
         ends = np.cumsum(lens)
@@ -607,7 +620,7 @@ def count_chunks(docs, workers: int | None = None):
         if buf:
             yield buf
 
-    _tables()  # built once, inherited by the forked workers
+    _tables(), _powers(WINDOW_CHARS)  # built once, inherited by the forked workers
     parts, merged = [], None
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:

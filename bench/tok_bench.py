@@ -95,16 +95,49 @@ def _timed(f):
     return time.time() - t0
 
 
+def memory_extrapolation(corpus, sizes=(10, 30, 100)):
+    """Peak RSS of the streaming CLI path (python tok.py train) at a few sizes, and where it goes at
+    2B characters: unique chunk bytes U grow as a power of the text size (Heaps' law, fitted here),
+    and the trainer's state is linear in U; window buffers are a constant."""
+    import math, tempfile
+    tmp = Path(tempfile.mkdtemp())
+    with gzip.open(corpus, "rt", encoding="utf-8") as f, open(tmp / "corpus.jsonl", "w") as g:
+        docs = [json.loads(line)["text"] for line in f][:-HELD_OUT]
+        g.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    pts = []
+    for mb in sizes:
+        code = ("import resource, tok, numpy as np; docs = tok.iter_documents({p!r}, 'train', {c}, None); "
+                "data, lens, counts = tok.count_chunks(docs); tok.bpe_merges(data, lens, counts, {m}); "
+                "print(len(data), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
+                "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)").format(
+                    p=str(tmp / "corpus.jsonl"), c=int(mb * 1e6), m=VOCAB - 256)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout.split()
+        u, rss, wrss = int(out[0]), float(out[1]), float(out[2])
+        pts.append((mb, u, rss, wrss))
+        print(f"streaming train {mb:5.0f} M chars: unique chunk bytes {u:,}  peak RSS main {rss:.0f} MB, worker {wrss:.0f} MB")
+    (m0, u0, r0, _), (m1, u1, r1, _) = pts[0], pts[-1]
+    beta = math.log(u1 / u0) / math.log(m1 / m0)
+    per_u = (r1 - r0) / (u1 - u0) * 1e6  # MB per million unique bytes
+    u2b = u1 * (2000 / m1) ** beta
+    est = r1 + (u2b - u1) / 1e6 * per_u
+    print(f"Heaps' law exponent {beta:.2f}: at 2B chars about {u2b / 1e6:.0f}M unique chunk bytes; "
+          f"main process {per_u:.0f} MB per million -> about {est / 1024:.1f} GB peak, plus {pts[-1][3]:.0f} MB per worker")
+    return {"points": pts, "heaps_beta": beta, "est_2b_gb": est / 1024}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--corpus", default=str(DEFAULT_CORPUS))
     ap.add_argument("--sizes", type=float, nargs="+", default=[10, 100])
     ap.add_argument("--trainers", default="ours,rustbpe,tokenizers")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", action="store_true", help="only the 2B-character memory extrapolation")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args.child[0], args.corpus, float(args.child[1]))
+    if args.memory:
+        return memory_extrapolation(args.corpus)
     rows = []
     for mb in args.sizes:
         for name in args.trainers.split(","):
