@@ -650,11 +650,12 @@ def count_chunks(docs, workers: int | None = None):
 # whose stale entries are filtered when read. Per-key bookkeeping uses C-level map/dict calls.
 # Merges go in batches: the next heap tops that cannot interact are applied by one set of numpy
 # calls over all their occurrences and neighbours, never a Python loop over occurrences, and only
-# when applying them together provably equals applying them one by one (step 3 below).
+# when applying them together provably equals applying them one by one (step 1 below).
 # Ties: the highest count wins, then the smallest (left id, right id). A pair whose bytes already
 # are a token is never merged: tokens are distinct byte strings, as tiktoken requires.
 HEAP_SHIFT = 1 << 40  # heap item = -count * HEAP_SHIFT + key: the smallest item is the next merge
 NEVER = -(1 << 60)    # the count of a pair that must never merge: no increment makes it positive
+MAX_BATCH = 256
 
 
 def _slices(a: np.ndarray, first: np.ndarray):
@@ -690,13 +691,17 @@ def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges:
     heapq.heapify(heap)
     vocab = [bytes([i]) for i in range(256)]
     known = set(vocab)
-    merges, want = [], 4
+    merges = []
     t0 = time.time()
     while len(merges) < n_merges and heap:
-        # 1. candidates: the valid heap tops in order, while no two can touch a common position
-        #    (which needs one's right token to be the other's left token)
+        # 1. candidates: the valid heap tops in order, up to the first that could touch a position of
+        #    an earlier one (its left token is an earlier right token or vice versa). Merging them at
+        #    once equals merging them one by one: a pair that merge j creates, (x', new_j) or
+        #    (new_j, y'), counts at most as much as the pair it came from, (x, a_j) or (b_j, y), and
+        #    has a larger key; that pair ranks below every later candidate, or it would have been
+        #    popped before them and ended the batch.
         cand, lefts, rights, pending = [], set(), set(), set()
-        while heap and len(cand) < want and len(merges) + len(cand) < n_merges:
+        while heap and len(cand) < MAX_BATCH and len(merges) + len(cand) < n_merges:
             item = heapq.heappop(heap)
             key = item % HEAP_SHIFT
             c_now = count.get(key, 0)
@@ -736,61 +741,30 @@ def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges:
             keep = (np.arange(len(p)) - run_start) % 2 == 0
             p, q, j = p[keep], q[keep], j[keep]
         l, r = prv[p], nxt[q]
-        # 3. merging them at once equals merging them one by one unless a pair made by candidate i
-        #    could outrank a later candidate k. A pair (x', new_i) or (new_i, y') ever counts at most
-        #    the weight of i's occurrences whose left (right) token is now x (y), x' grown from x;
-        #    ties go to the smaller key, so (new_i, y') loses to k, and (x', new_i) does when x >= a_k.
         m = len(cand)
-        if m > 1:
-            ca = np.array([x[1] for x in cand])
-            cc = np.array([x[3] for x in cand])
-            for nb, is_left in ((l, True), (r, False)):
-                has = nb >= 0
-                gk = j[has] * K64 + tok[nb[has]]
-                o = np.argsort(gk, kind="stable")
-                gk = gk[o]
-                gfirst = np.flatnonzero(np.concatenate([[len(gk) > 0], gk[1:] != gk[:-1]]))
-                if not len(gfirst):
-                    continue
-                gs = np.add.reduceat(w[p[has]][o], gfirst)
-                gj, gx = np.divmod(gk[gfirst], K)
-                beats = gs[:, None] > cc[None, :]
-                if is_left:
-                    beats |= (gs[:, None] == cc[None, :]) & (gx[:, None] < ca[None, :])
-                blocked = ((np.arange(m)[None, :] > gj[:, None]) & beats).any(axis=0)
-                if blocked.any():
-                    m = min(m, int(np.argmax(blocked)))
-            for (key, _, _, c_now), arr in zip(cand[m:], arrs[m:]):
-                heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
-                index[key] = [arr]
-            if m < len(cand):
-                sel = j < m
-                p, q, j, l, r = p[sel], q[sel], j[sel], l[sel], r[sel]
-                cand = cand[:m]
-        want = min(max(2 * m, 4), 256)
         c0 = len(vocab)
         for key, a, b, _ in cand:
             vocab.append(vocab[a] + vocab[b])
             known.add(vocab[-1])
             merges.append((a, b))
             del count[key], index[key]
-        # 4. pairs that disappear start at p's left neighbour and at q (p's own pair is merged away);
+        # 3. pairs that disappear start at p's left neighbour and at q (p's own pair is merged away);
         #    l may be another occurrence's q: dedupe
         old = np.concatenate([l[l >= 0], q[r >= 0]])
         old.sort()
         old = old[np.concatenate([[True], old[1:] != old[:-1]])] if len(old) else old
         old_keys = tok[old] * K64 + tok[nxt[old]]
-        # 5. rewrite: p becomes its new token, q leaves the list
+        # 4. rewrite: p becomes its new token, q leaves the list
         tok[p] = c0 + j
         tok[q] = -1
         nxt[p] = r
         has_r = r >= 0
         prv[r[has_r]] = p[has_r]
-        # 6. pairs that appear start at p's new left neighbour (unless it was merged too) and at p
+        # 5. pairs that appear start at p's new left neighbour (unless it was merged too) and at p
         l = prv[p]
         new = np.concatenate([l[(l >= 0) & (tok[np.maximum(l, 0)] < c0)], p[has_r]])
         new_keys = tok[new] * K64 + tok[nxt[new]]
-        # 7. count deltas, applied with C-level dict calls; pairs that grew go on the heap
+        # 6. count deltas, applied with C-level dict calls; pairs that grew go on the heap
         dk = np.concatenate([old_keys, new_keys])
         o = np.argsort(dk, kind="stable")
         dk = dk[o]
@@ -802,7 +776,7 @@ def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges:
         up = np.flatnonzero((ud > 0) & (uv > 0)).tolist()
         uvl = uv.tolist()
         list(map(heapq.heappush, itertools.repeat(heap, len(up)), [-uvl[i] * HEAP_SHIFT + uk[i] for i in up]))
-        # 8. index the new pairs' positions (stale ones, e.g. of never-merge pairs, are harmless)
+        # 7. index the new pairs' positions (stale ones, e.g. of never-merge pairs, are harmless)
         is_new = o >= len(old)
         nk = dk[is_new]
         if len(nk):

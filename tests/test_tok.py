@@ -72,6 +72,18 @@ def test_merges_equal_reference(name):
     assert fast == ref
 
 
+def test_batched_merges_equal_one_at_a_time(monkeypatch):
+    # a larger Zipfian corpus: batches of hundreds of merges, checked against batches of one
+    rng = random.Random(7)
+    syll = ["th", "e", "an", "in", "er", "on", "re", "at", "st", "en", "ing", "ou", "a", "o", "i", "s", "t", "ch", "qu", "x"]
+    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 5))) for _ in range(3000)]
+    docs = [" ".join(rng.choices(words, [1 / (i + 1) for i in range(len(words))], k=2000)) for _ in range(20)]
+    data, lens, counts = tok.count_chunks(docs, workers=1)
+    batched = tok.bpe_merges(data, lens, counts, 2000)
+    monkeypatch.setattr(tok, "MAX_BATCH", 1)
+    assert tok.bpe_merges(data, lens, counts, 2000) == batched and len(batched) == 2000
+
+
 def test_duplicate_bytes_never_become_two_tokens():
     # 'a'+'bc' and 'ab'+'c' could both make b"abc"; a tokenizer must keep tokens distinct
     docs = ["abc " * 50 + "ab " * 40 + "bc " * 40 + "xabc yabc"] * 3
