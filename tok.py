@@ -339,7 +339,7 @@ class ToyWorld:
         s, r, o = self.facts[k]
         question, answer, _ = TOY_RELATIONS[r]
         return {"messages": [{"role": "user", "content": question.format(s=s)},
-                             {"role": "assistant", "content": answer.format(s=s, o=o)}], "answer": o, "relation": r}
+                             {"role": "assistant", "content": answer.format(s=s, o=o)}], "answer": o, "relation": r, "subject": s}
 
     def math_item(self, i: int) -> dict:
         rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:math:{i}")
@@ -373,12 +373,12 @@ class ToyWorld:
         if rng.random() < 0.5:
             return {"messages": [{"role": "user", "content": f"Spell the word {word}."},
                                  {"role": "assistant", "content": f"{word} is spelled {'-'.join(word)}."}],
-                    "answer": "-".join(word), "kind": "spell"}
+                    "answer": "-".join(word), "kind": "spell", "word": word}
         c = rng.choice(sorted(set(word)) + ["z", "q"])
         n = word.count(c)
         return {"messages": [{"role": "user", "content": f"How many times does the letter {c} appear in {word}?"},
                              {"role": "assistant", "content": f"{word} is spelled {'-'.join(word)}. The letter {c} appears {n} times.\n#### {n}"}],
-                "answer": n, "kind": "count"}
+                "answer": n, "kind": "count", "word": word}
 
 
 def _toy_units(seed: int = 0):

@@ -57,3 +57,43 @@ def test_spelling_items_are_right():
             assert item["answer"] == w.count(letter)
         else:
             assert item["answer"].replace("-", "") == w
+
+
+def test_graders_accept_surface_forms_and_reject_wrong_answers():
+    import evals
+    facts = evals.ToyFacts("test")
+    for i in range(20):
+        item = facts[i]
+        a = item["answer"]
+        other = next(v for v in sorted(facts.pools[item["relation"]]) if v != a)
+        for right in (a, a.upper(), f"{item['subject']} ... {a}.", f"I think it is {a.lower()}!"):
+            assert facts.evaluate(item, right) == 1.0, right
+        for wrong in (other, f"{a} or {other}", "I don't know", f"{a}x"):
+            assert facts.evaluate(item, wrong) == 0.0, wrong
+    math = evals.ToyMath("test", size=20)
+    for item in math:
+        n = item["answer"]
+        for right in (f"#### {n}", f"####{n}", f"So the answer is {n}.", f"{n:,}" if n >= 1000 else f"{n}.0", f"#### {n}\nThanks 3"):
+            assert math.evaluate(item, right) == 1.0, right
+        for wrong in (f"#### {n + 1}", "no idea", f"#### {n}0"):
+            assert math.evaluate(item, wrong) == 0.0, wrong
+    spell = evals.ToySpell("test", size=30)
+    for item in spell:
+        if item["kind"] == "spell":
+            word = item["answer"].replace("-", "")
+            for right in (item["answer"], " ".join(word).upper(), f"It is spelled {', '.join(word)}."):
+                assert spell.evaluate(item, right) == 1.0, right
+            assert spell.evaluate(item, "-".join(word[::-1] + "x")) == 0.0
+        else:
+            assert spell.evaluate(item, f"#### {item['answer']}") == 1.0
+            assert spell.evaluate(item, f"#### {item['answer'] + 2}") == 0.0
+
+
+def test_task_splits_never_share_questions():
+    import evals
+    def questions(task):
+        return {t["messages"][0]["content"] for t in task}
+    assert not questions(evals.ToyFacts("train")) & questions(evals.ToyFacts("test"))
+    assert not questions(evals.ToyMath("train", size=500)) & questions(evals.ToyMath("test"))
+    train_words = {t["word"] for t in evals.ToySpell("train", size=300)}
+    assert len(train_words) > 20 and not train_words & {t["word"] for t in evals.ToySpell("test")}

@@ -1,0 +1,1057 @@
+"""
+train.py: the GPT model, the Muon+AdamW optimizer, the token loader and the pretraining loop.
+
+  python train.py --depth 12                                   # CPU (fp32) or one GPU (bf16, compiled)
+  torchrun --standalone --nproc_per_node=8 train.py --depth 20 # many GPUs: the same math
+  python train.py --depth 1 --n-embd 64 --n-head 2 --max-seq-len 64 --device-batch-size 4 \
+      --total-batch-size 256 --num-iterations 50 --data PATH    # a tiny CPU run on local text
+
+One dial: --depth sets the width (depth x 64, heads of 128), the learning rates and the training
+horizon (tokens = --target-param-data-ratio x scaling params). Later stages import from here:
+GPT, GPTConfig, setup_optimizer, lr_multiplier, TokenLoader, evaluate_bpb, save_checkpoint,
+load_checkpoint, load_model, compute_init/compute_cleanup.
+"""
+import argparse, contextlib, json, math, os, random, shutil, time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+from torch.nn.attention.flex_attention import flex_attention, create_block_mask
+
+import tok
+
+# ----------------------------------------------------------------------------- constants
+
+LOGIT_SOFTCAP = 15.0      # logits = cap * tanh(logits / cap): keeps early training from blowing up
+VOCAB_MULTIPLE = 64       # pad the embedding/lm_head rows so matmuls tile nicely
+VE_GATE_CHANNELS = 32     # the value-embedding gate looks at this many input channels
+ROPE_BASE = 10000.0
+# Polar Express (Amsel et al. 2025) degree-5 coefficients, 5 iterations, safety factor 2e-2.
+POLAR_EXPRESS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+# dense bf16 peak FLOP/s by device-name substring, for MFU (first match wins)
+PEAK_BF16_FLOPS = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GB200", 2500e12), ("B200", 2250e12),
+                   ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+                   ("A10", 125e12), ("4090", 165e12), ("3090", 71e12), ("A6000", 155e12)]
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "My favorite color is", "2 + 3 ="]
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768        # the tokenizer's; the tables are padded to VOCAB_MULTIPLE
+    n_layer: int = 12
+    n_head: int = 6                # query heads
+    n_kv_head: int = 6             # key/value heads (GQA when < n_head)
+    n_embd: int = 768
+    window_pattern: str = "SSSL"   # per layer, tiled: S = a quarter of the context, L = full; last layer always L
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def validate(self):
+        """Raise ValueError naming the flag when the shapes cannot work."""
+        if self.n_layer < 1:
+            raise ValueError(f"--depth {self.n_layer}: need at least one layer")
+        if self.n_head < 1 or self.n_embd % self.n_head:
+            raise ValueError(f"--n-embd {self.n_embd} is not divisible by --n-head {self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head dim {self.head_dim} (--n-embd / --n-head) must be even for rotary embeddings")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"--n-head {self.n_head} is not a multiple of --n-kv-head {self.n_kv_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            raise ValueError(f"--window-pattern {self.window_pattern!r}: use only the letters S (short) and L (long)")
+        if self.sequence_len < 2:
+            raise ValueError(f"--max-seq-len {self.sequence_len}: must be at least 2")
+        return self
+
+
+def window_sizes(config: GPTConfig) -> list:
+    """Per layer: None (full causal attention) or w (query i sees keys i-w+1..i). Last layer always full."""
+    short = max(1, config.sequence_len // 4)
+    pat = config.window_pattern.upper()
+    sizes = [short if pat[i % len(pat)] == "S" else None for i in range(config.n_layer)]
+    sizes[-1] = None
+    return sizes
+
+
+def has_value_embed(layer_idx: int, n_layer: int) -> bool:
+    """Value embeddings on alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))  # parameter-free
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, H, T, D); cos, sin (1, 1, T, D/2). Rotates the two halves of each head."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def attention_mask(Tq: int, Tk: int, window, device):
+    """(Tq, Tk) bool, True = may attend. Queries are the last Tq of Tk positions (a KV cache holds the rest)."""
+    q = torch.arange(Tk - Tq, Tk, device=device)[:, None]
+    k = torch.arange(Tk, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C, hd = config.n_embd, config.head_dim
+        self.c_q = nn.Linear(C, self.n_head * hd, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * hd, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * hd, bias=False)
+        self.c_proj = nn.Linear(self.n_head * hd, C, bias=False)
+        # per-head gate on the value embedding, from the first channels of the input
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, C), self.n_kv_head, bias=False) if has_value_embed(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, window, kv_cache=None, block_mask=None):
+        B, T, C = x.shape
+        nh, nkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.c_q(x).view(B, T, nh, hd).transpose(1, 2)    # (B, nh, T, hd)
+        dt = q.dtype  # the compute dtype: bf16 under autocast
+        k = self.c_k(x).view(B, T, nkv, hd).transpose(1, 2)   # (B, nkv, T, hd)
+        v = self.c_v(x).view(B, T, nkv, hd).transpose(1, 2)   # (B, nkv, T, hd)
+        if ve is not None:  # v += gate * value_embedding(token), gate in (0, 2), 1 at init
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))  # (B, T, nkv)
+            v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, nkv, hd).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = norm(q).to(dt), norm(k).to(dt), v.to(dt)  # QK-norm; rotary, norm and ve may have promoted to fp32
+        if kv_cache is not None:
+            k, v = kv_cache.insert(self.layer_idx, k, v)       # (B, nkv, pos+T, hd)
+        Tk, gqa = k.size(2), nkv != nh
+        if block_mask is not None:  # flex attention (compiled, CUDA): sliding windows skip whole blocks
+            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+        elif Tk == T and (window is None or window >= T):
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif T == 1 and (window is None or window >= Tk):
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything cached
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(T, Tk, window, x.device), enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache=None, block_mask=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache, block_mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config.validate()
+        V, C, L = config.padded_vocab_size, config.n_embd, config.n_layer
+        self.window_sizes = window_sizes(config)
+        self.wte = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(L)])
+        self.lm_head = nn.Linear(C, V, bias=False)  # untied from wte
+        kv_dim = config.n_kv_head * config.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embed(i, L)})
+        # learned per-layer mix of the running residual and the (normed) token embedding x0
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))
+        self._block_masks, self._flex_T = {}, None  # window -> flex BlockMask at length _flex_T (use_flex_attention)
+        self._rope_len = 0
+        self._set_rotary(config.sequence_len, torch.device("cpu"))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        C = self.config.n_embd
+        s = 3 ** 0.5 * C ** -0.5  # uniform with std 1/sqrt(C)
+        nn.init.normal_(self.wte.weight, std=1.0)  # normed right after lookup, so the scale is free
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        for b in self.blocks:
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.c_fc):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(b.attn.c_proj.weight)  # every block starts as the identity
+            nn.init.zeros_(b.mlp.c_proj.weight)
+            if b.attn.ve_gate is not None:
+                nn.init.zeros_(b.attn.ve_gate.weight)  # gate = 2*sigmoid(0) = 1
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+
+    def _set_rotary(self, length, device):
+        hd = self.config.head_dim
+        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (length, hd/2)
+        self.register_buffer("rope_cos", freqs.cos()[None, None], persistent=False)    # (1, 1, length, hd/2)
+        self.register_buffer("rope_sin", freqs.sin()[None, None], persistent=False)
+        self._rope_len = length
+
+    def use_flex_attention(self, T: int, device):
+        """Precompute flex BlockMasks for training at length T (call before torch.compile)."""
+        self._block_masks = {w: make_block_mask(T, w, device) for w in set(self.window_sizes)}
+        self._flex_T = T
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx (B, T) -> logits (B, T, vocab_size) fp32, or the loss against targets (B, T) (-1 = ignore)."""
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self._rope_len or self.rope_cos.device != idx.device:  # eager paths only (engine, CPU)
+            self._set_rotary(max(pos + T, self.config.sequence_len), idx.device)
+        cos, sin = self.rope_cos[:, :, pos:pos + T], self.rope_sin[:, :, pos:pos + T]
+        flex = kv_cache is None and T == self._flex_T
+        x = norm(self.wte(idx))  # (B, T, C)
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            w = self.window_sizes[i]
+            x = block(x, ve, cos, sin, w, kv_cache, self._block_masks[w] if flex else None)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = norm(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab_size)
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def num_scaling_params(self) -> int:
+        """Parameters that count for the tokens:params ratio: the block matrices and lm_head. Lookup
+        tables (token and value embeddings) and the per-layer scalars cost no FLOPs per token, so not them."""
+        return sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 x matmul params, plus attention scores and values
+        (12 x heads x head_dim x attended length per layer, the window where one applies)."""
+        cfg, T = self.config, self.config.sequence_len
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or T, T) for w in self.window_sizes)
+        return 6 * self.num_scaling_params() + attn
+
+
+def make_block_mask(T: int, window, device):
+    def mask_mod(b, h, q, k):
+        return (k <= q) & (q - k < window) if window is not None else k <= q
+    return create_block_mask(mask_mod, None, None, T, T, device=str(device))
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+# torch 2.13 renamed the tensor collectives; keep working on older versions (pyproject: torch>=2.5)
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def polar_express(G, steps: int = 5):
+    """Nearest semi-orthogonal matrix to each G[i] (G: (N, rows, cols)), by a tuned odd polynomial
+    iteration. bf16 on CUDA (fast, accurate enough), fp32 (or fp64 if given) elsewhere."""
+    X = G.bfloat16() if G.is_cuda else G.to(torch.promote_types(G.dtype, torch.float32))
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT  # iterate on the wide side: X @ X.mT is the smaller Gram matrix
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
+    for a, b, c in POLAR_EXPRESS[:steps]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups of same-shaped block matrices (kind="muon"), AdamW for the rest (kind="adamw").
+
+    Gradients are *not* all-reduced before step(): with world_size > 1, step() reduce-scatters them.
+    Muon: matrix j of a group belongs to rank j // k (k = ceil(N / world_size)); each rank keeps the
+    momentum of its own k matrices, orthogonalizes them and all-gathers the new weights. AdamW: a
+    large tensor whose first dim divides world_size is sharded along dim 0 the same way; small ones
+    are all-reduced and updated on every rank. One process runs the same math with k = N."""
+
+    def __init__(self, param_groups, rank: int = 0, world_size: int = 1):
+        defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
+        super().__init__(param_groups, defaults)
+        for g in self.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+            if g["kind"] == "muon":
+                assert len({p.shape for p in g["params"]}) == 1 and g["params"][0].ndim == 2, "a muon group holds same-shaped matrices"
+        self.rank, self.world_size = rank, world_size
+
+    def _shardable(self, p):
+        return self.world_size > 1 and p.ndim >= 1 and p.numel() >= 1024 and p.size(0) % self.world_size == 0
+
+    @torch.no_grad()
+    def step(self):
+        # 1) launch every gradient reduction (async), 2) update my share as each lands, launch gathers, 3) wait
+        reduced = [self._muon_reduce(g) if g["kind"] == "muon" else self._adamw_reduce(g) for g in self.param_groups]
+        pending = []
+        for g, red in zip(self.param_groups, reduced):
+            pending += self._muon_update(g, red) if g["kind"] == "muon" else self._adamw_update(g, red)
+        for handle, finish in pending:
+            handle.wait()
+            if finish is not None:
+                finish()
+
+    def _muon_reduce(self, group):
+        params, ws = group["params"], self.world_size
+        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])  # (N, r, c)
+        if ws == 1:
+            return grads, None
+        k = -(-len(params) // ws)
+        if k * ws > len(params):
+            grads = torch.cat([grads, grads.new_zeros(k * ws - len(params), *grads.shape[1:])])
+        mine = grads.new_empty(k, *grads.shape[1:])   # (k, r, c): the summed grads of my matrices
+        return mine, _reduce_scatter(mine, grads, async_op=True)
+
+    def _muon_update(self, group, red):
+        mine, handle = red
+        params, ws, rank = group["params"], self.world_size, self.rank
+        if handle is not None:
+            handle.wait()
+            mine.div_(ws)
+        k = mine.size(0)
+        own = params[rank * k:(rank + 1) * k]  # fewer than k (or none) on the last ranks: padding
+        state = self.state[params[0]]          # the group's sharded momentum lives on its first param
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(mine)
+        buf, beta = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(mine, 1 - beta)
+        u = polar_express(mine.lerp_(buf, beta), group["ns_steps"])  # Nesterov, then orthogonalize
+        rows, cols = params[0].shape
+        lr, wd = group["lr"], group["weight_decay"]
+        local = torch.stack(own) if own else mine.new_zeros(0, rows, cols)
+        if len(own) < k:
+            local = torch.cat([local, local.new_zeros(k - len(own), rows, cols)])
+        if wd:
+            local.mul_(1 - lr * wd)
+        local.add_(u.to(local.dtype), alpha=-lr * max(1.0, rows / cols) ** 0.5)
+        if ws == 1:
+            torch._foreach_copy_(params, list(local.unbind(0)))
+            return []
+        full = local.new_empty(k * ws, rows, cols)
+        handle = _all_gather(full, local, async_op=True)
+        return [(handle, lambda: torch._foreach_copy_(params, list(full[:len(params)].unbind(0))))]
+
+    def _adamw_reduce(self, group):
+        out = []
+        for p in group["params"]:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if self.world_size == 1:
+                out.append((g, None))
+            elif self._shardable(p):
+                shard = g.new_empty(p.size(0) // self.world_size, *p.shape[1:])
+                out.append((shard, _reduce_scatter(shard, g.contiguous(), async_op=True)))
+            else:
+                g = g.clone()
+                out.append((g, dist.all_reduce(g, async_op=True)))
+        return out
+
+    def _adamw_update(self, group, red):
+        (b1, b2), eps, lr, wd = group["betas"], group["eps"], group["lr"], group["weight_decay"]
+        pending = []
+        for p, (g, handle) in zip(group["params"], red):
+            if handle is not None:
+                handle.wait()
+                g.div_(self.world_size)
+            sharded = self._shardable(p)
+            s = p.size(0) // self.world_size if sharded else None
+            pv = p.data[self.rank * s:(self.rank + 1) * s] if sharded else p.data
+            st = self.state[p]
+            if not st:
+                st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(pv), torch.zeros_like(pv)
+            st["step"] += 1
+            st["exp_avg"].lerp_(g, 1 - b1)
+            st["exp_avg_sq"].lerp_(g.square(), 1 - b2)
+            denom = (st["exp_avg_sq"] / (1 - b2 ** st["step"])).sqrt_().add_(eps)
+            if wd:
+                pv.mul_(1 - lr * wd)
+            pv.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** st["step"]))
+            if sharded:
+                shard = pv.clone()  # the gather writes into p itself
+                pending.append((_all_gather(p.data, shard, async_op=True), None))
+        return pending
+
+
+def setup_optimizer(model: GPT, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.02,
+                    weight_decay=0.0, rank=0, world_size=1) -> MuonAdamW:
+    """Muon for the 2-D block matrices, AdamW for embeddings, lm_head and scalars. AdamW rates are
+    given for width 768 and scaled by (n_embd / 768) ** -0.5; Muon's update is already shape-aware."""
+    scale = (model.config.n_embd / 768) ** -0.5
+    by_shape = {}
+    for p in model.blocks.parameters():
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    groups = [dict(kind="muon", params=ps, lr=matrix_lr, weight_decay=weight_decay) for _, ps in sorted(by_shape.items())]
+    groups += [
+        dict(kind="adamw", params=[model.lm_head.weight], lr=unembedding_lr * scale),
+        dict(kind="adamw", params=[model.wte.weight, *model.value_embeds.parameters()], lr=embedding_lr * scale),
+        dict(kind="adamw", params=[model.resid_lambdas, model.x0_lambdas], lr=scalar_lr),
+    ]
+    n_opt, n_model = sum(len(g["params"]) for g in groups), len(list(model.parameters()))
+    assert n_opt == n_model, f"optimizer covers {n_opt} of {n_model} parameter tensors"
+    return MuonAdamW(groups, rank=rank, world_size=world_size)
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_ratio=0.4, final_lr_frac=0.0) -> float:
+    """Warmup (linear from 0), constant, then linear warmdown to final_lr_frac at the last step."""
+    warmup, warmdown = round(warmup_ratio * num_iterations), round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if step <= num_iterations - warmdown or warmdown == 0:
+        return 1.0
+    progress = (num_iterations - step) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int) -> float:
+    """Momentum warmup 0.85 -> 0.95 over the first 300 steps."""
+    frac = min(step / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def set_schedule(optimizer, lrm: float, momentum: float):
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * lrm
+        if g["kind"] == "muon":
+            g["momentum"] = momentum
+
+
+def train_step(model, optimizer, next_batch, grad_accum: int, autocast_ctx=contextlib.nullcontext):
+    """One optimizer step over grad_accum micro-batches from next_batch(); returns this rank's mean
+    loss (a 0-d tensor, not synced). The optimizer averages gradients across ranks."""
+    loss_sum = 0.0
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        with autocast_ctx():
+            loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum = loss_sum + loss.detach()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return loss_sum / grad_accum
+
+
+# ----------------------------------------------------------------------------- the token loader
+
+class TokenLoader:
+    """Rows of T+1 tokens, each starting with <|bos|>, packed from whole documents (best fit: the
+    longest buffered document that still fits; a document is cropped only when none fits).
+    Reads the units of tok.iter_batches that belong to this rank, so ranks never share a document.
+    Deterministic: state_dict() (epoch, next unit, the buffered documents) resumes exactly."""
+
+    def __init__(self, tokenizer, data: str, split: str, batch_size: int, seq_len: int, rank=0, world_size=1,
+                 device="cpu", buffer_docs=1000, state=None):
+        self.tokenizer, self.data, self.split = tokenizer, data, split
+        self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
+        self.device, self.buffer_docs = torch.device(device), buffer_docs
+        self.bos = tokenizer.bos_id
+        self.epoch, self.next_unit = 0, 0
+        self.lens, self.docs = [], []  # buffered documents, sorted by length (ties: insertion order)
+        self._units = None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _pull_unit(self) -> bool:
+        """Tokenize the next unit of this rank into the buffer. False at the end of an epoch."""
+        if self._units is None:
+            self._units = tok.iter_batches(self.data, self.split, self.rank, self.world_size, start=self.next_unit)
+        try:
+            unit, texts = next(self._units)
+        except StopIteration:
+            self._units, self.epoch, self.next_unit = None, self.epoch + 1, 0
+            return False
+        self.next_unit = unit + 1
+        if texts:
+            for ids in self.tokenizer.encode(texts, prepend=self.bos):
+                self._insert(np.asarray(ids, dtype=np.int32))
+        return True
+
+    def _insert(self, doc):
+        import bisect
+        i = bisect.bisect_right(self.lens, len(doc))
+        self.lens.insert(i, len(doc))
+        self.docs.insert(i, doc)
+
+    def _fill(self):
+        epoch0 = self.epoch
+        while len(self.docs) < max(1, self.buffer_docs):
+            if not self._pull_unit() and (self.docs or self.epoch - epoch0 > 1):
+                if not self.docs:
+                    raise ValueError(f"--data {self.data}: no {self.split} documents for rank {self.rank} of {self.world_size}")
+                break
+
+    def _row(self):
+        import bisect
+        row, n = np.empty(self.T + 1, dtype=np.int32), 0
+        while n < self.T + 1:
+            self._fill()
+            room = self.T + 1 - n
+            i = bisect.bisect_right(self.lens, room) - 1  # longest doc that fits
+            if i < 0:  # nothing fits: crop the shortest, the tail is dropped (rows must start with BOS)
+                i = 0
+            doc = self.docs.pop(i)
+            self.lens.pop(i)
+            take = min(len(doc), room)
+            row[n:n + take] = doc[:take]
+            n += take
+        return row
+
+    def next_batch(self):
+        """(inputs, targets), both (B, T) int64 on the device."""
+        rows = torch.from_numpy(np.stack([self._row() for _ in range(self.B)]))  # (B, T+1) int32
+        if self.device.type == "cuda":
+            rows = rows.pin_memory().to(self.device, non_blocking=True)
+        rows = rows.long()
+        return rows[:, :-1], rows[:, 1:]
+
+    __call__ = next_batch
+
+    def state_dict(self):
+        flat = np.concatenate(self.docs) if self.docs else np.zeros(0, np.int32)
+        return {"epoch": self.epoch, "next_unit": self.next_unit, "lens": torch.tensor(self.lens, dtype=torch.int64),
+                "tokens": torch.from_numpy(flat.astype(np.int32)), "data": self.data, "split": self.split,
+                "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(f"loader state is for rank {state['rank']} of {state['world_size']}, not {self.rank} of {self.world_size}")
+        self.epoch, self.next_unit = state["epoch"], state["next_unit"]
+        lens = state["lens"].tolist()
+        flat = state["tokens"].numpy()
+        offsets = np.cumsum([0] + lens)
+        self.lens, self.docs = lens, [flat[a:b].copy() for a, b in zip(offsets[:-1], offsets[1:])]
+        self._units = None
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate_bpb(model, next_batch, steps: int, token_bytes, autocast_ctx=contextlib.nullcontext) -> float:
+    """Bits per byte: nats summed over target tokens / their UTF-8 bytes. Special tokens (0 bytes) and
+    ignored targets (-1) count in neither sum. Summed across ranks."""
+    nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    for _ in range(steps):
+        x, y = next_batch()
+        with autocast_ctx():
+            loss = model(x, y, loss_reduction="none").view(-1)   # (B*T,)
+        y = y.reshape(-1)
+        b = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)  # (B*T,)
+        nats += (loss.double() * (b > 0)).sum()
+        nbytes += b.sum()
+    if dist.is_initialized():
+        dist.all_reduce(nats)
+        dist.all_reduce(nbytes)
+    return float(nats / (math.log(2) * nbytes.clamp(min=1)))
+
+
+@torch.no_grad()
+def sample_greedy(model, tokenizer, prompts, max_new_tokens=16, device="cpu") -> list:
+    """Greedy continuations with plain forwards (no KV cache): good enough for a progress glance."""
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+        for _ in range(max_new_tokens):
+            ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
+            ids.append(int(model(ctx)[0, -1].argmax()))
+        out.append(tokenizer.decode(ids[1:]))
+    return out
+
+
+def core_metric(model, tokenizer, device, max_per_task=500):
+    """CORE through evals.py (imported here: evals imports train). None, with a notice, if it is missing."""
+    try:
+        import evals
+    except ImportError:
+        print0("CORE: evals.py not found, skipping")
+        return None
+    fn = getattr(evals, "evaluate_core", None)
+    if fn is None:
+        print0("CORE: evals.evaluate_core not found, skipping")
+        return None
+    try:
+        res = fn(model, tokenizer, device, max_per_task=max_per_task)
+    except Exception as e:  # e.g. offline without the eval bundle: training results still stand
+        print0(f"CORE: skipped ({type(e).__name__}: {e})")
+        return None
+    return float(res["core_metric"] if isinstance(res, dict) else res)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_root(source: str = "base") -> Path:
+    return tok.home() / "checkpoints" / source
+
+
+def _step_dirs(ckpt_dir: Path) -> list:
+    """Finished checkpoints (step_NNNNNN folders), oldest first. Half-written .tmp folders are ignored."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
+
+
+def last_step(ckpt_dir) -> int | None:
+    dirs = _step_dirs(Path(ckpt_dir))
+    return int(dirs[-1].name[5:]) if dirs else None
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
+                    rank_state=None, keep_last: int = -1):
+    """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
+    when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
+    state_rank{r}.pt (loader position, RNG) from every rank. Called by all ranks together; with
+    several nodes ckpt_dir must be on a shared filesystem."""
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    if rank == 0:
+        torch.save(model_state, tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    if optim_state is not None:
+        torch.save(optim_state, tmp / f"optim_rank{rank}.pt")
+    if rank_state is not None:
+        torch.save(rank_state, tmp / f"state_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for old in _step_dirs(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, load_optimizer=True):
+    """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last)."""
+    ckpt_dir = Path(ckpt_dir)
+    step = last_step(ckpt_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    d = ckpt_dir / f"step_{step:06d}"
+    if not (d / "model.pt").exists():
+        raise FileNotFoundError(f"no checkpoint {d}")
+    meta = json.loads((d / "meta.json").read_text())
+    model_state = torch.load(d / "model.pt", map_location=device, weights_only=True)
+    optim_state = rank_state = None
+    if load_optimizer and (d / f"optim_rank{rank}.pt").exists():
+        optim_state = torch.load(d / f"optim_rank{rank}.pt", map_location=device, weights_only=True)
+    if (d / f"state_rank{rank}.pt").exists():
+        rank_state = torch.load(d / f"state_rank{rank}.pt", map_location="cpu", weights_only=True)
+    return model_state, optim_state, rank_state, meta
+
+
+def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None):
+    """(model in eval mode, tokenizer, meta) from checkpoints/<source>/<tag>/; tag None = the tag with
+    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with."""
+    root = checkpoint_root(source)
+    if tag is None:
+        tags = [d for d in root.iterdir() if d.is_dir() and _step_dirs(d)] if root.is_dir() else []
+        if not tags:
+            raise FileNotFoundError(f"no {source} checkpoints under {root}")
+        tag = max(tags, key=lambda d: _step_dirs(d)[-1].stat().st_mtime).name
+    model_state, _, _, meta = load_checkpoint(root / tag, step, device, load_optimizer=False)
+    tokenizer = tokenizer or tok.get_tokenizer()
+    check_tokenizer(meta, tokenizer, root / tag)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(model_state)
+    return model.to(device).eval(), tokenizer, meta
+
+
+def check_tokenizer(meta, tokenizer, where):
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise ValueError(f"{where}: checkpoint was trained with tokenizer {meta.get('tokenizer_hash')}, "
+                         f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
+
+
+def _atomic_write(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- compute setup
+
+def compute_init(device_arg="auto"):
+    """(rank, local_rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    ws = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ws > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", **({"device_id": device} if use_cuda else {}))
+    return rank, local_rank, ws, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- the pretraining loop
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain a GPT (train.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data and model
+    a("--data", default="climbmix", help="climbmix | fineweb-edu | toy | a local file/folder of .parquet/.jsonl/.txt")
+    a("--tokenizer", default=None, help="tokenizer folder (default $SPEEDCHAT_HOME/tokenizer)")
+    a("--depth", type=int, default=20, help="the one dial: layers; width = depth x --aspect-ratio")
+    a("--aspect-ratio", type=int, default=64, help="width per layer")
+    a("--head-dim", type=int, default=128, help="attention head dimension (n_head = width / head dim)")
+    a("--n-embd", type=int, default=-1, help="override the width (tiny configs)")
+    a("--n-head", type=int, default=-1, help="override the number of query heads")
+    a("--n-kv-head", type=int, default=-1, help="key/value heads (GQA); default = n_head")
+    a("--window-pattern", default="SSSL", help="sliding windows over layers: S = quarter context, L = full")
+    a("--max-seq-len", type=int, default=2048)
+    # horizon and batch
+    a("--num-iterations", type=int, default=-1, help="optimizer steps; -1 = from --target-param-data-ratio")
+    a("--target-param-data-ratio", type=float, default=10.5, help="training tokens per scaling param (block matrices + lm_head)")
+    a("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+    a("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
+    # optimization
+    a("--embedding-lr", type=float, default=0.2, help="AdamW, token and value embeddings (at width 768)")
+    a("--unembedding-lr", type=float, default=0.004, help="AdamW, lm_head (at width 768)")
+    a("--matrix-lr", type=float, default=0.02, help="Muon, block matrices")
+    a("--scalar-lr", type=float, default=0.02, help="AdamW, per-layer residual/x0 scalars")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay on the Muon matrices")
+    a("--warmup-ratio", type=float, default=0.0)
+    a("--warmdown-ratio", type=float, default=0.4)
+    a("--final-lr-frac", type=float, default=0.0)
+    # evaluation, logging, checkpoints
+    a("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
+    a("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation")
+    a("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = never)")
+    a("--core-metric-every", type=int, default=-1, help="CORE every N steps, and at the end (-1 = only at the end, 0 = never)")
+    a("--core-metric-max-per-task", type=int, default=500)
+    a("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
+    a("--tag", default=None, help="checkpoint folder name (default d<depth>)")
+    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
+    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
+    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (time-sliced jobs; resume later)")
+    a("--run", default="dummy", help="wandb run name (wandb only when installed and this is not 'dummy')")
+    # compute
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    a("--attn", default="auto", choices=["auto", "sdpa", "flex"], help="auto = flex when compiled on CUDA, else sdpa")
+    a("--seed", type=int, default=42)
+    a("--buffer-docs", type=int, default=1000, help="documents the packer chooses from")
+    return p.parse_args(argv)
+
+
+def build_config(args, vocab_size: int) -> GPTConfig:
+    """The depth dial, with tiny-config overrides. Raises SystemExit naming the flag on bad values."""
+    if args.depth < 1:
+        raise SystemExit(f"--depth {args.depth}: must be >= 1")
+    if args.n_embd > 0:
+        n_embd = args.n_embd
+    else:  # width = depth x aspect ratio, rounded up to whole heads
+        n_embd = -(-args.depth * args.aspect_ratio // args.head_dim) * args.head_dim
+    n_head = args.n_head if args.n_head > 0 else n_embd // args.head_dim
+    if n_head < 1:
+        raise SystemExit(f"--n-embd {n_embd} is narrower than --head-dim {args.head_dim}; set --n-head or --head-dim")
+    n_kv_head = args.n_kv_head if args.n_kv_head > 0 else n_head
+    cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=n_head,
+                    n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=args.window_pattern)
+    try:
+        return cfg.validate()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def check_args(args):
+    for flag in ("max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        raise SystemExit(f"--num-iterations {args.num_iterations}: must be >= 1 (or -1 for the data ratio)")
+    if args.target_param_data_ratio <= 0 and args.num_iterations < 0:
+        raise SystemExit(f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0")
+    if not (0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1):
+        raise SystemExit(f"--warmup-ratio {args.warmup_ratio} / --warmdown-ratio {args.warmdown_ratio}: each in [0, 1], sum <= 1")
+    if args.keep_last == 0:
+        raise SystemExit("--keep-last 0 would delete every checkpoint; use -1 to keep all")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    try:
+        return pretrain(args)
+    except tok.DataError as e:  # bad --data: one line, not a traceback from deep in the loader
+        raise SystemExit(str(e)) from None
+    finally:
+        compute_cleanup()
+
+
+def pretrain(args):
+    rank, local_rank, ws, device = compute_init(args.device)
+    master = rank == 0
+    try:
+        tokenizer = tok.get_tokenizer(args.tokenizer)
+    except (FileNotFoundError, ValueError, tok.DataError) as e:
+        raise SystemExit(f"--tokenizer: {e}") from None
+    next(tok.iter_batches(args.data, "train", rank, ws), None)  # a bad --data fails now, not after building the model
+    config = build_config(args, tokenizer.vocab_size)
+    tokens_per_micro = args.device_batch_size * args.max_seq_len * ws
+    if args.total_batch_size % tokens_per_micro:
+        raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
+                         f"--max-seq-len x world size = {args.device_batch_size} x {args.max_seq_len} x {ws} = {tokens_per_micro}")
+    grad_accum = args.total_batch_size // tokens_per_micro
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    model = GPT(config).to(device)
+    num_scaling = model.num_scaling_params()
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, round(args.target_param_data_ratio * num_scaling / args.total_batch_size))
+    flops_per_token = model.estimate_flops()
+    use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    autocast_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    compiled = device.type == "cuda" and not args.no_compile
+    if args.attn == "flex" and device.type != "cuda":
+        raise SystemExit("--attn flex needs CUDA (flex attention has no CPU backward); use --attn sdpa")
+    if args.attn == "flex" or (args.attn == "auto" and compiled):
+        model.use_flex_attention(args.max_seq_len, device)
+    optimizer = setup_optimizer(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr,
+                                args.weight_decay, rank, ws)
+    train_loader = TokenLoader(tokenizer, args.data, "train", args.device_batch_size, args.max_seq_len, rank, ws,
+                               device, args.buffer_docs)
+    token_bytes = torch.as_tensor(np.asarray(tokenizer.token_bytes), dtype=torch.int64, device=device)
+    ckpt_dir = checkpoint_root("base") / (args.tag or f"d{args.depth}")
+    log_path = ckpt_dir / "log.jsonl"
+    train_meta = {"total_batch_size": args.total_batch_size, "device_batch_size": args.device_batch_size,
+                  "max_seq_len": args.max_seq_len, "data": args.data, "num_iterations": num_iterations}
+
+    # resume: refuse anything that would not continue the same run
+    start_step, smooth_loss, train_time, val_bpb, min_val_bpb = 0, 0.0, 0.0, None, None
+    if args.resume:
+        if last_step(ckpt_dir) is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, None, device, rank)
+        try:
+            check_tokenizer(meta, tokenizer, ckpt_dir)
+        except ValueError as e:
+            raise SystemExit(f"--resume: {e}") from None
+        if meta["model_config"] != asdict(config):
+            diff = {k: (meta["model_config"].get(k), v) for k, v in asdict(config).items() if meta["model_config"].get(k) != v}
+            raise SystemExit(f"--resume: {ckpt_dir} has an incompatible model config (checkpoint vs now): {diff}")
+        if meta.get("world_size") != ws:
+            raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
+        diff = {k: (meta["train"].get(k), v) for k, v in train_meta.items() if meta["train"].get(k) != v}
+        if diff:
+            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
+        if optim_state is None or rank_state is None:
+            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/loader state for rank {rank}")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        train_loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"], device)
+        start_step = meta["step"]
+        smooth_loss, train_time = meta["loop"]["smooth_loss"], meta["loop"]["train_time"]
+        val_bpb, min_val_bpb = meta["loop"]["val_bpb"], meta["loop"]["min_val_bpb"]
+        del model_state, optim_state
+        print0(f"resumed {ckpt_dir} at step {start_step}")
+    elif last_step(ckpt_dir) is not None and not args.overwrite:
+        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {last_step(ckpt_dir)}); "
+                         f"pass --resume to continue, --overwrite to start over, or another --tag")
+    elif master and ckpt_dir.exists():  # a fresh run: no stale checkpoints or log lines from an older one
+        for d in _step_dirs(ckpt_dir):
+            shutil.rmtree(d)
+        log_path.unlink(missing_ok=True)
+    _barrier()
+    if master and args.resume and log_path.exists():  # drop log lines from beyond the resume point
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+        _atomic_write(log_path, "".join(l + "\n" for l in keep))
+
+    raw_model = model
+    if compiled:
+        model = torch.compile(model, dynamic=False)
+    wandb_run = None
+    if master and args.run != "dummy":
+        try:
+            import wandb
+            wandb_run = wandb.init(project="speedchat", name=args.run, config=vars(args), resume="allow")
+        except ImportError:
+            print0("wandb not installed: logging to log.jsonl only")
+
+    def log(entry):
+        if master:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            if wandb_run is not None:
+                wandb_run.log(entry, step=entry["step"])
+
+    def save(step):
+        meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
+                "train": train_meta, "args": vars(args), "num_params": sum(p.numel() for p in raw_model.parameters()),
+                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb}}
+        rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
+        path = save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta, rank, ws,
+                               rank_state, args.keep_last)
+        print0(f"saved {path}")
+
+    num_params = sum(p.numel() for p in raw_model.parameters())
+    peak = peak_flops(device)
+    print0(f"model: {config} | {num_params:,} params, {num_scaling:,} scaling | {flops_per_token:.3g} FLOPs/token")
+    print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
+           f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
+           f"{ws} rank(s) on {device} | {'bf16' if use_bf16 else 'fp32'}{' compiled' if compiled else ''}")
+    eval_steps = max(1, args.eval_tokens // tokens_per_micro)
+    core, mfu, step, val_batches = None, None, start_step, None
+    t_start = time.time()
+    while True:
+        last = step == num_iterations
+        stop = last or step == args.stop_at_step
+        if (args.eval_every > 0 and step % args.eval_every == 0) or last:
+            if val_batches is None:  # the same validation tokens every time, read and packed once
+                val_loader = TokenLoader(tokenizer, args.data, "val", args.device_batch_size, args.max_seq_len, rank, ws,
+                                         device, min(args.buffer_docs, 100))
+                val_batches = [val_loader.next_batch() for _ in range(eval_steps)]
+            model.eval()
+            val_bpb = evaluate_bpb(model, iter(val_batches).__next__, eval_steps, token_bytes, autocast_ctx)
+            model.train()
+            min_val_bpb = val_bpb if min_val_bpb is None else min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
+            log({"step": step, "val_bpb": val_bpb})
+        if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+            save(step)  # before samples and CORE: a failure there must not cost the weights
+        if master and args.sample_every > 0 and step % args.sample_every == 0 and step > 0:
+            raw_model.eval()
+            with autocast_ctx():
+                for s in sample_greedy(raw_model, tokenizer, SAMPLE_PROMPTS, device=device):
+                    print0(f"  sample: {s!r}")
+            raw_model.train()
+        if args.core_metric_every != 0 and ((args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > 0) or last):
+            raw_model.eval()
+            with autocast_ctx():
+                core = core_metric(raw_model, tokenizer, device, args.core_metric_max_per_task)
+            raw_model.train()
+            if core is not None:
+                print0(f"step {step:05d} | CORE {core:.4f}")
+                log({"step": step, "core_metric": core})
+        if stop:
+            break
+
+        # one optimizer step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        set_schedule(optimizer, lrm, muon_momentum(step))
+        loss = train_step(model, optimizer, train_loader, grad_accum, autocast_ctx)
+        if ws > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss = loss.item()  # syncs the device
+        dt = time.time() - t0
+        if not math.isfinite(loss):
+            raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
+        if step > start_step:  # the first step of a run includes compilation and warmup
+            train_time += dt
+        beta = 0.9  # smoothed, debiased loss
+        smooth_loss = beta * smooth_loss + (1 - beta) * loss
+        shown = smooth_loss / (1 - beta ** (step + 1))
+        tok_per_s = args.total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_s / (peak * ws) if (peak and use_bf16) else None
+        done = step + 1 - start_step
+        eta = (train_time / max(done - 1, 1)) * (num_iterations - step - 1)
+        print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | lrm {lrm:.2f} | "
+               f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s | mfu {f'{mfu:.1f}%' if mfu is not None else 'n/a'} | "
+               f"elapsed {_fmt_time(time.time() - t_start)} | eta {_fmt_time(eta)}")
+        log({"step": step, "loss": loss, "smooth_loss": shown, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu,
+             "train_time": train_time})  # step = the update's index: its loss, its lr
+        step += 1
+
+    if master and step == num_iterations:
+        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "core_metric": core,
+                  "mfu": mfu, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
+                  "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
+                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device)}
+        tok.write_report("base", report)
+    if wandb_run is not None:
+        wandb_run.finish()
+    return {"step": step, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir}
+
+
+if __name__ == "__main__":
+    main()
