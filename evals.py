@@ -77,32 +77,11 @@ def _autocast(device):
 # ----------------------------------------------------------------------------- downloads
 
 def download_file(url: str, path: Path, verify, attempts: int = 5, backoff: float = 1.0, timeout: float = 60.0) -> Path:
-    """Stream url to path.tmp, verify(tmp) (raises if bad), rename to path; retried with backoff. A cut
-    connection resumes the .tmp with a Range request; a body that fails verification starts over."""
-    import requests
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    for attempt in range(attempts):
-        try:
-            have = tmp.stat().st_size if tmp.exists() else 0
-            with requests.get(url, stream=True, timeout=timeout, headers={"Range": f"bytes={have}-"} if have else {}) as r:
-                if r.status_code != 416:  # 416: the .tmp already holds the whole file
-                    r.raise_for_status()
-                    with open(tmp, "ab" if have and r.status_code == 206 else "wb") as f:  # 200: the server ignored Range
-                        for block in r.iter_content(1 << 18):
-                            f.write(block)
-            verify(tmp)
-            os.replace(tmp, path)
-            return path
-        except Exception as e:
-            if not isinstance(e, requests.RequestException):
-                tmp.unlink(missing_ok=True)
-            if attempt == attempts - 1:
-                tmp.unlink(missing_ok=True)
-                raise EvalError(f"download failed after {attempts} attempts: {url}: {type(e).__name__}: {e}") from None
-            delay = backoff * 2 ** attempt
-            print(f"retry {attempt + 1}/{attempts - 1} in {delay:.1f}s: {url}: {type(e).__name__}: {e}", file=sys.stderr)
-            time.sleep(delay)
+    """tok.fetch (streamed to .tmp, resumed, verified, renamed, retried) with our error type."""
+    try:
+        return tok.fetch(url, path, attempts, backoff, timeout, verify=verify)
+    except tok.DataError as e:
+        raise EvalError(str(e)) from None
 
 
 @contextlib.contextmanager

@@ -66,9 +66,16 @@ def _shard_ok(path: Path) -> bool:
         return False
 
 
-def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout: float = 60.0):
-    """Stream url to path.tmp (resuming a partial .tmp with a Range request), verify, rename."""
+def _verify_shard(path):
+    if verify_parquet(path) <= 0:
+        raise DataError(f"{path}: no rows")
+
+
+def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout: float = 60.0, verify=_verify_shard):
+    """Stream url to path.tmp (resuming a partial .tmp with a Range request), verify(tmp) (raises when
+    the body is bad, which starts the download over), rename to path; retried with backoff."""
     import requests
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     for attempt in range(attempts):
         try:
@@ -83,8 +90,7 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
                     with open(tmp, mode) as f:
                         for block in r.iter_content(1 << 18):
                             f.write(block)
-            if verify_parquet(tmp) <= 0:
-                raise DataError(f"{url}: no rows")
+            verify(tmp)
             os.replace(tmp, path)
             return path
         except Exception as e:
