@@ -626,7 +626,7 @@ def count_chunks(docs, workers: int | None = None):
         if buf:
             yield buf
 
-    _tables(), _powers(WINDOW_CHARS)  # built once, inherited by the forked workers
+    _tables()  # built once, inherited by the forked workers
     parts, merged = [], None
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
