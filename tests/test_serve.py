@@ -1,0 +1,668 @@
+"""serve.py: every endpoint and every bad input through Flask's test client; the official openai
+client, 8 concurrent streams and a client that hangs up against a real server on 127.0.0.1; the
+CLI loading a checkpoint; the chat page in headless Chromium. Tiny random models (or a scripted
+fake) on CPU; a real BPE tokenizer trained on generated text."""
+import json
+import logging
+import os
+import random
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import types
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import pytest
+import requests
+import torch
+
+import engine
+import serve
+import tok
+import train
+
+WORDS = ("the cat dog sat on mat red blue green house tree river stone bird sings under over and then a big "
+         "small old new runs jumps apple bread water fire light dark hello world").split()
+CONTEXT = 128
+
+
+# ----------------------------------------------------------------------------- models and helpers
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models decode ~20x faster on one thread than on two busy cores (and threads race here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(30)) + " 12*7 = 84. Let me compute. The answer is 84."
+             for _ in range(300)]
+    return tok.train_tokenizer(texts, 500)
+
+
+def tiny_gpt(tokenizer, seed=0, sequence_len=CONTEXT):
+    torch.manual_seed(seed)
+    model = train.GPT(train.GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.vocab_size, n_layer=2,
+                                      n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL"))
+    with torch.no_grad():  # init zeroes the output projections: make every block do something
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and not name.startswith(("wte", "value_embeds")):
+                p.uniform_(-1.0, 1.0).mul_(p.size(1) ** -0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_gpt(tokenizer)
+
+
+class NeverStops(torch.nn.Module):
+    """A real model that never writes a special token (so never stops or calls a tool) and takes
+    `delay` seconds a step: long generations for the disconnect and queue tests."""
+
+    def __init__(self, inner, n_plain, delay=0.0):
+        super().__init__()
+        self.inner, self.config, self.n_plain, self.delay, self.calls = inner, inner.config, n_plain, delay, 0
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        self.calls += 1
+        time.sleep(self.delay)
+        logits = self.inner(idx, kv_cache=kv_cache)
+        logits[..., self.n_plain:] = -1e9
+        return logits
+
+
+class ScriptedModel(torch.nn.Module):
+    """Writes `script` token by token, skipping over the tool outputs the engine forces in."""
+
+    def __init__(self, script, tokenizer, sequence_len=CONTEXT):
+        super().__init__()
+        self.script, self.V = script, tokenizer.vocab_size
+        self.o_start, self.o_end = tokenizer.special("<|output_start|>"), tokenizer.special("<|output_end|>")
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = types.SimpleNamespace(n_layer=1, sequence_len=sequence_len)
+        self.prompts, self.delay = [], 0.0  # every prompt it was given; seconds per step
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.shape
+        time.sleep(self.delay)
+        if kv_cache.pos == 0:
+            self.prompts.append(idx[0].tolist())
+            self.own, self.inside = 0, False
+        else:
+            for t in idx[0].tolist():
+                self.inside = (self.inside or t == self.o_start) and t != self.o_end
+                self.own += not self.inside and t != self.o_end
+        kv_cache.insert(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
+        kv_cache.advance(T)
+        logits = torch.full((B, T, self.V), -10.0)
+        logits[:, -1, self.script[min(self.own, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def tool_script(t):
+    sp = t.special
+    return (t.encode("Let me compute.") + [sp("<|python_start|>")] + t.encode("12*7") + [sp("<|python_end|>")]
+            + t.encode(" The answer is 84.") + [sp("<|assistant_end|>")])
+
+
+TOOL_REPLY = "Let me compute.<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> The answer is 84."
+
+
+def app_for(model, tokenizer, n_workers=1, tool=None, **kw):
+    eng = engine.Engine(model, tokenizer, tool=tool)
+    return serve.create_app([eng] * n_workers, **kw)
+
+
+def events(data: bytes):
+    """Server-sent events -> list of data strings; checks the framing on the way."""
+    text = data.decode()
+    assert text.endswith("\n\n")
+    blocks = text[:-2].split("\n\n")
+    assert all(b.startswith("data: ") and "\n" not in b for b in blocks), blocks
+    return [b[len("data: "):] for b in blocks]
+
+
+def chat_events(data: bytes):
+    evs = [json.loads(e) for e in events(data)]
+    assert evs[-1].get("done") is True and all("done" not in e for e in evs[:-1])
+    assert all(set(e) == {"text", "kind"} and e["kind"] in ("text", "python", "output") for e in evs[:-1])
+    return evs[:-1], evs[-1]
+
+
+USER = [{"role": "user", "content": "the cat sat"}]
+
+
+def last_log(caplog):
+    """serve.py's log line of the last generation, parsed."""
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "speedchat.serve"]
+    return [r for r in records if "finish" in r][-1]
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# ----------------------------------------------------------------------------- endpoints (test client)
+
+def test_page_is_self_contained_and_has_its_controls(model, tokenizer):
+    r = app_for(model, tokenizer).test_client().get("/")
+    assert r.status_code == 200 and r.mimetype == "text/html"
+    page = r.get_data(as_text=True)
+    for needle in ('id="stop"', 'id="temperature"', 'id="topk"', 'id="new"', "Regenerate", "/chat/completions",
+                   'name="viewport"', "getReader", "AbortController", "python_output"):
+        assert needle in page, needle
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing from elsewhere
+    assert "innerHTML" not in page  # model text is set with textContent only
+
+
+def test_chat_stream_matches_the_engine(model, tokenizer):
+    client = app_for(model, tokenizer).test_client()
+    r = client.post("/chat/completions", json={"messages": USER, "temperature": 0, "max_tokens": 12})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    pieces, done = chat_events(r.data)
+    prompt = tokenizer.render_for_completion(USER)
+    seqs, _ = engine.Engine(model, tokenizer, tool=None).generate_batch(prompt, max_tokens=12, temperature=0.0)
+    reply = seqs[0][len(prompt):]
+    assert done["prompt_tokens"] == len(prompt) and done["completion_tokens"] == len(reply)
+    assert done["total_tokens"] == len(prompt) + len(reply)
+    assert done["finish_reason"] == ("stop" if reply[-1] in (tokenizer.bos_id, tokenizer.special("<|assistant_end|>")) else "length")
+    plain = [i for i in reply if i < len(tokenizer.vocab)]
+    if all(p["kind"] == "text" for p in pieces):
+        assert "".join(p["text"] for p in pieces) == tokenizer.decode(plain)
+    # the same seed gives the same reply, a different one (almost surely) another
+    body = {"messages": USER, "temperature": 1.0, "max_tokens": 12, "seed": 7}
+    a, b = (client.post("/chat/completions", json=body).data for _ in range(2))
+    assert a == b
+
+
+def test_tool_calls_stream_as_kinds_and_round_trip(tokenizer):
+    client = serve.create_app([engine.Engine(ScriptedModel(tool_script(tokenizer), tokenizer), tokenizer)]).test_client()
+    msgs = [{"role": "user", "content": "What is 12*7?"}]
+    pieces, done = chat_events(client.post("/chat/completions", json={"messages": msgs}).data)
+    parts = []
+    for p in pieces:
+        if parts and parts[-1][0] == p["kind"]:
+            parts[-1][1] += p["text"]
+        else:
+            parts.append([p["kind"], p["text"]])
+    parts = [p for p in parts if p[1]]
+    assert parts == [["text", "Let me compute."], ["python", "12*7"], ["output", "84"], ["text", " The answer is 84."]]
+    assert done["finish_reason"] == "stop"
+    r = client.post("/v1/chat/completions", json={"messages": msgs})
+    assert r.json["choices"][0]["message"]["content"] == TOOL_REPLY
+    # the reply, sent back as history (as a string or as parts), renders as the model wrote it
+    as_parts = [{"type": "text", "text": "Let me compute."}, {"type": "python", "text": "12*7"},
+                {"type": "python_output", "text": "84"}, {"type": "text", "text": " The answer is 84."}]
+    ref = tokenizer.render_for_completion(msgs + [{"role": "assistant", "content": as_parts}, {"role": "user", "content": "ok"}])
+    for content in (TOOL_REPLY, as_parts):
+        turns = serve.parse_messages({"messages": msgs + [{"role": "assistant", "content": content}, {"role": "user", "content": "ok"}]})
+        assert tokenizer.render_for_completion(turns) == ref
+
+
+def test_openai_non_streaming_shape_and_usage(model, tokenizer):
+    client = app_for(model, tokenizer, model_name="tiny").test_client()
+    msgs = [{"role": "system", "content": "Be brief."}, *USER]
+    r = client.post("/v1/chat/completions", json={"model": "whatever", "messages": msgs, "max_tokens": 5, "seed": 1})
+    assert r.status_code == 200
+    j = r.json
+    assert j["object"] == "chat.completion" and j["model"] == "tiny" and j["id"].startswith("chatcmpl-")
+    (choice,) = j["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    u = j["usage"]
+    # the system message is folded into the first user turn
+    assert u["prompt_tokens"] == len(tokenizer.render_for_completion([{"role": "user", "content": "Be brief.\n\nthe cat sat"}]))
+    assert 1 <= u["completion_tokens"] <= 5 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+    assert u["completion_tokens"] == 5 or choice["finish_reason"] == "stop"
+
+
+def test_openai_streaming_chunks(model, tokenizer):
+    client = app_for(model, tokenizer, model_name="tiny").test_client()
+    r = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 6, "stream": True, "seed": 3,
+                                                  "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and r.mimetype == "text/event-stream"
+    raw = events(r.data)
+    assert raw[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in raw[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    *body, last, usage = chunks
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["choices"][0]["delta"] == {}
+    assert all(c["choices"][0]["finish_reason"] is None for c in body)
+    assert usage["choices"] == [] and 1 <= usage["usage"]["completion_tokens"] <= 6
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in body)
+    same = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 6, "seed": 3}).json
+    assert streamed == same["choices"][0]["message"]["content"]  # streaming or not: the same reply
+
+
+def test_models_and_health(model, tokenizer):
+    client = app_for(model, tokenizer, n_workers=2, model_name="tiny").test_client()
+    m = client.get("/v1/models").json
+    assert m["object"] == "list" and [d["id"] for d in m["data"]] == ["tiny"]
+    h = client.get("/health").json
+    assert h["status"] == "ok" and h["workers"] == 2 and h["free"] == 2 and h["busy"] == 0 and h["waiting"] == 0
+
+
+def test_base_model_continues_the_last_user_message(model, tokenizer):
+    client = app_for(model, tokenizer, completion=True).test_client()
+    _, done = chat_events(client.post("/chat/completions", json={"messages": USER, "max_tokens": 3}).data)
+    assert done["prompt_tokens"] == len(tokenizer.encode("the cat sat")) + 1
+
+
+# ----------------------------------------------------------------------------- bad input and limits
+
+def msg(content, role="user"):
+    return {"role": role, "content": content}
+
+
+BAD = [  # (body, the field the error must name)
+    (b"{not json", "body"),
+    (b"[1, 2]", "body"),
+    (b"", "body"),
+    ({}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [msg("x")] * (serve.MAX_MESSAGES + 1)}, "messages"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [msg(5)]}, "messages[0].content"),
+    ({"messages": [msg([{"type": "image_url", "text": "x"}])]}, "messages[0].content[0].type"),
+    ({"messages": [msg([{"type": "python", "text": "1"}])]}, "messages[0].content[0].type"),
+    ({"messages": [msg([{"type": "text"}])]}, "messages[0].content[0]"),
+    ({"messages": [msg("x" * (serve.MAX_MESSAGE_CHARS + 1))]}, "messages[0].content"),
+    ({"messages": [msg("x" * 7000), msg("y", "assistant")] * 5 + [msg("z")]}, "messages"),
+    ({"messages": [msg("hi"), msg("hello", "assistant")]}, "messages"),
+    ({"messages": [msg("hello", "assistant"), msg("hi")]}, "messages"),
+    ({"messages": [msg("be nice", "system")]}, "messages"),
+    ({"messages": [msg("hi")], "temperature": "hot"}, "temperature"),
+    ({"messages": [msg("hi")], "temperature": float("nan")}, "temperature"),
+    ({"messages": [msg("hi")], "top_k": 2.5}, "top_k"),
+    ({"messages": [msg("hi")], "top_p": [1]}, "top_p"),
+    ({"messages": [msg("hi")], "max_tokens": True}, "max_tokens"),
+    ({"messages": [msg("hi")], "seed": "1"}, "seed"),
+    ({"messages": [msg("hi")], "stream": "yes"}, "stream"),
+    ({"messages": [msg("the cat " * 200)]}, "messages"),  # longer than the model's context
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_bad_input_is_a_400_naming_the_field(model, tokenizer, path, caplog):
+    client = app_for(model, tokenizer).test_client()
+    caplog.set_level(logging.INFO, logger="speedchat.serve")
+    cases = BAD + ([({"messages": [msg("hi")], "n": 2}, "n"), ({"messages": [msg("hi")], "stream_options": 1}, "stream_options")]
+                   if path.startswith("/v1") else [])
+    for body, field in cases:
+        kw = {"data": body, "content_type": "application/json"} if isinstance(body, bytes) else {"data": json.dumps(body),
+                                                                                                  "content_type": "application/json"}
+        r = client.post(path, **kw)
+        assert r.status_code == 400, (body, r.data)
+        err = r.json["error"]
+        assert err["param"] == field and err["message"].startswith(field + ":"), (field, err)
+    assert client.get("/health").json["free"] == 1  # no worker was taken
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "speedchat.serve"]
+    assert [r["error"].split(":")[0] for r in logged if r["status"] == 400] == [field for _, field in cases]
+    assert logged[-1]["path"] == "/health" and "latency_s" in logged[-1]  # every request is logged
+
+
+def test_numbers_are_clamped_to_the_documented_ranges(model, tokenizer):
+    s = serve.parse_settings({"temperature": 99, "top_k": -5, "top_p": 0, "max_tokens": 10 ** 9}, "chat")
+    assert (s["temperature"], s["top_k"], s["top_p"], s["max_tokens"]) == (2.0, 0, 0.01, 4096)
+    s = serve.parse_settings({"temperature": -1, "top_k": 10 ** 6, "top_p": 7, "max_tokens": 0}, "openai")
+    assert (s["temperature"], s["top_k"], s["top_p"], s["max_tokens"]) == (0.0, 200, 1.0, 1)
+    assert serve.parse_settings({"max_completion_tokens": 3, "max_tokens": 9}, "openai")["max_tokens"] == 3
+    client = app_for(NeverStops(model, len(tokenizer.vocab)), tokenizer).test_client()
+    one = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 0}).json
+    assert one["usage"]["completion_tokens"] == 1 and one["choices"][0]["finish_reason"] == "length"
+    full = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 10 ** 9, "temperature": 50}).json
+    assert full["usage"]["total_tokens"] == CONTEXT  # never past the context
+
+
+def test_oversized_body_and_unknown_paths_are_json_errors(model, tokenizer):
+    client = app_for(model, tokenizer).test_client()
+    r = client.post("/v1/chat/completions", data=b"x" * (serve.MAX_BODY_BYTES + 1), content_type="application/json")
+    assert r.status_code == 413 and r.json["error"]["param"] == "body"
+    assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json
+    assert client.get("/v1/chat/completions").status_code == 405
+
+
+# ----------------------------------------------------------------------------- workers, queue, disconnects
+
+def test_pool_queue_is_bounded():
+    pool = serve.Pool(["w"], max_queue=1, queue_timeout=5.0)
+    assert pool.acquire() == "w"
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+    waiter.start()
+    assert wait_for(lambda: pool.stats()["waiting"] == 1)
+    assert pool.acquire() is None  # the queue is full: no wait at all
+    pool.release("w")
+    waiter.join(5)
+    assert got == ["w"] and pool.stats()["waiting"] == 0
+    quick = serve.Pool(["w"], max_queue=4, queue_timeout=0.05)
+    quick.acquire()
+    assert quick.acquire() is None  # waited, timed out
+
+
+def test_busy_server_says_503_with_retry_after(model, tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="speedchat.serve")
+    slow = NeverStops(model, len(tokenizer.vocab), delay=0.01)
+    client = app_for(slow, tokenizer, max_queue=0).test_client()
+    first = client.post("/chat/completions", json={"messages": USER, "max_tokens": 100}, buffered=False)
+    stream = iter(first.response)
+    next(stream)  # generating: the one worker is busy
+    assert client.get("/health").json["busy"] == 1
+    r = client.post("/v1/chat/completions", json={"messages": USER})
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0 and r.json["error"]["type"] == "overloaded_error"
+    assert '"status": 503' in caplog.messages[-1] and "busy" in caplog.messages[-1]
+    first.close()  # the client goes away: generation stops, the worker is free
+    h = client.get("/health").json
+    assert (h["busy"], h["free"]) == (0, 1)
+    assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_closing_the_response_stops_generation_and_logs_it(model, tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="speedchat.serve")
+    slow = NeverStops(model, len(tokenizer.vocab), delay=0.005)
+    client = app_for(slow, tokenizer).test_client()
+    for path in ("/chat/completions", "/v1/chat/completions"):
+        r = client.post(path, json={"messages": USER, "max_tokens": 100, "stream": True}, buffered=False)
+        it = iter(r.response)
+        for _ in range(3):
+            next(it)
+        r.close()
+        calls = slow.calls
+        time.sleep(0.05)
+        assert slow.calls == calls and client.get("/health").json["free"] == 1
+        rec = last_log(caplog)
+        assert rec["path"] == path and rec["finish"] == "disconnected" and rec["completion_tokens"] < 100
+    # a response whose body is never read frees its worker too
+    r = client.post("/chat/completions", json={"messages": USER}, buffered=False)
+    assert client.get("/health").json["busy"] == 1
+    r.close()
+    assert client.get("/health").json["busy"] == 0
+
+
+def test_requests_are_logged_without_text_unless_asked(model, tokenizer, caplog):
+    caplog.set_level(logging.INFO, logger="speedchat.serve")
+    secret = [{"role": "user", "content": "my secret cat"}]
+    for log_text in (False, True):
+        client = app_for(model, tokenizer, log_conversations=log_text).test_client()
+        client.post("/v1/chat/completions", json={"messages": secret, "max_tokens": 4})
+        rec = last_log(caplog)
+        assert rec["path"] == "/v1/chat/completions" and rec["status"] == 200 and rec["latency_s"] >= 0
+        assert rec["prompt_tokens"] > 0 and rec["completion_tokens"] >= 1 and "time" in rec and "ttft_s" in rec
+        assert ("my secret cat" in json.dumps(rec)) == log_text
+
+
+# ----------------------------------------------------------------------------- a real server on 127.0.0.1
+
+@pytest.fixture
+def live(model, tokenizer):
+    servers = []
+
+    def start(app):
+        server, url = serve.start_server(app)
+        servers.append(server)
+        return url
+    yield start
+    for s in servers:
+        s.shutdown()
+
+
+def test_openai_client_streaming_and_not(model, tokenizer, live):
+    openai = pytest.importorskip("openai")
+    url = live(app_for(model, tokenizer, model_name="tiny"))
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=5, temperature=0.7, top_p=0.9)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stream = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, seed=5, temperature=0.7,
+                                            top_p=0.9, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        client.chat.completions.create(model="tiny", messages=[])
+
+
+def test_eight_concurrent_streams_all_complete(model, tokenizer, live):
+    url = live(app_for(model, tokenizer, n_workers=2))
+
+    def one(i):
+        r = requests.post(url + "/chat/completions", json={"messages": [msg(f"hello {i}")], "max_tokens": 16, "seed": i},
+                          stream=True, timeout=60)
+        assert r.status_code == 200
+        return chat_events(r.raw.read())
+
+    with ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(8)))
+    assert all(done["completion_tokens"] >= 1 and done["finish_reason"] in ("stop", "length") for _, done in results)
+    assert {done["worker"] for _, done in results} == {"cpu#0", "cpu#1"}
+    assert requests.get(url + "/health", timeout=5).json()["free"] == 2
+
+
+def test_client_hanging_up_frees_the_worker(model, tokenizer, live):
+    slow = NeverStops(model, len(tokenizer.vocab), delay=0.01)
+    url = live(app_for(slow, tokenizer))
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps({"messages": USER, "max_tokens": 4000})
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"POST /chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        got = b""
+        while got.count(b"data: ") < 3:
+            got += s.recv(4096)
+        assert requests.get(url + "/health", timeout=5).json()["busy"] == 1
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["free"] == 1)
+    calls = slow.calls
+    time.sleep(0.1)
+    assert slow.calls <= calls + 1  # generation stopped, not just the worker handed back
+    assert requests.post(url + "/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, timeout=30).status_code == 200
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def save_checkpoint(tokenizer, model, source="sft"):
+    tokenizer.save(tok.home() / "tokenizer")
+    meta = {"model_config": asdict(model.config), "tokenizer_hash": tokenizer.hash, "step": 3}
+    train.save_checkpoint(train.checkpoint_root(source) / "tiny", 3, model.state_dict(), None, meta)
+
+
+def test_cli_loads_a_checkpoint_and_serves(model, tokenizer, capsys):
+    save_checkpoint(tokenizer, model)
+    workers, meta = serve.load_workers("sft", None, None, 1, "cpu")
+    assert meta["step"] == 3 and [w.name for w in workers] == ["cpu#0"]
+    client = serve.create_app(workers).test_client()
+    ref = app_for(model, tokenizer).test_client()
+    body = {"messages": USER, "max_tokens": 6, "temperature": 0}
+    assert client.post("/chat/completions", json=body).data == ref.post("/chat/completions", json=body).data
+    # the real command: prints the URL, answers /health
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "serve.py"), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"open (http://\S+)", line)
+            if m:
+                break
+        assert m, "".join(lines)
+        assert "speedchat-sft-step3" in line
+        h = requests.get(m.group(1) + "health", timeout=10).json()
+        assert h["workers"] == 1 and h["model"] == "speedchat-sft-step3"
+        with pytest.raises(SystemExit):  # the port is taken: werkzeug says so and exits
+            serve.main(["--port", m.group(1).rstrip("/").rsplit(":", 1)[1], "--device", "cpu"])
+        assert "in use" in capsys.readouterr().err
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_cli_errors_are_one_line():
+    with pytest.raises(SystemExit, match="serve.py: no rl checkpoints"):
+        serve.main(["--source", "rl", "--device", "cpu"])
+    with pytest.raises(SystemExit):
+        serve.main(["--num-gpus", "-1"])
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--window-size=390,844"]
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: JSON
+    messages ending in NUL, commands on fd 3, replies on fd 4), so no websocket library is needed."""
+
+    def __init__(self, profile):
+        script = 'exec "$0" "$@" 3<&0 4>&1 0</dev/null 1>/dev/null'  # our stdin/stdout become its fds 3/4
+        self.proc = subprocess.Popen(["sh", "-c", script, CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                      "--remote-debugging-pipe", "about:blank"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.buf, self.last_id, self.session = b"", 0, None
+
+    def call(self, method, timeout=30, **params):
+        self.last_id += 1
+        msg = {"id": self.last_id, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        self.proc.stdin.write(json.dumps(msg).encode() + b"\0")
+        self.proc.stdin.flush()
+        end = time.time() + timeout
+        while True:
+            while b"\0" not in self.buf:
+                assert select.select([self.proc.stdout], [], [], max(0.0, end - time.time()))[0], f"{method}: no reply"
+                chunk = os.read(self.proc.stdout.fileno(), 1 << 16)
+                assert chunk, "chromium closed the pipe"
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.last_id:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def open(self, url):
+        target = self.call("Target.createTarget", url=url)["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.wait("location.protocol === 'http:' && document.readyState === 'complete' && typeof chat === 'object'")
+
+    def js(self, expression):
+        r = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in r, r["exceptionDetails"]
+        return r["result"].get("value")
+
+    def wait(self, expression, timeout=20):
+        end, error = time.time() + timeout, None
+        while time.time() < end:
+            try:
+                if self.js(expression):
+                    return
+            except AssertionError as e:  # e.g. evaluated while the page was still loading
+                error = e
+            time.sleep(0.03)
+        raise AssertionError(f"timed out waiting for {expression} ({error})")
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("no chromium here: apt-get install -y chromium to run the browser test")
+    with tempfile.TemporaryDirectory() as profile:
+        b = Browser(profile)
+        yield b
+        b.close()
+
+
+DONE = "chat.dataset.state === 'done'"
+MESSAGES = "JSON.stringify(messages.map(m => ({role: m.role, content: m.content})))"
+
+
+def test_page_in_headless_chromium(tokenizer, live, browser, caplog):
+    """Send (from the URL), stream, tool calls shown apart, regenerate, edit an earlier message,
+    a follow-up turn with the tool calls in its history, the settings, stop, new chat."""
+    caplog.set_level(logging.INFO, logger="speedchat.serve")
+    scripted = ScriptedModel(tool_script(tokenizer), tokenizer)
+    url = live(serve.create_app([engine.Engine(scripted, tokenizer)]))
+    q = [{"role": "user", "content": "What is 12*7?"}]
+    browser.open(url + "/?q=What%20is%2012*7%3F&autosend=1")
+    browser.wait(DONE)
+    assert int(browser.js("chat.dataset.chunks")) >= 4  # the reply arrived in pieces, as generated
+    dom = browser.js("chat.innerText")
+    assert "What is 12*7?" in dom and "Let me compute." in dom and "The answer is 84." in dom
+    assert browser.js("document.querySelector('.tool.python code').textContent") == "12*7"
+    assert browser.js("document.querySelector('.tool.python_output code').textContent") == "84"
+    assert scripted.prompts == [tokenizer.render_for_completion(q)]
+    # regenerate the last answer: the same prompt again, still one exchange on the page
+    browser.js("[...document.querySelectorAll('button')].find(b => b.textContent === 'Regenerate').click()")
+    browser.wait(DONE)
+    assert len(scripted.prompts) == 2 and scripted.prompts[1] == scripted.prompts[0]
+    assert len(json.loads(browser.js(MESSAGES))) == 2
+    # edit the user message: the conversation restarts from it
+    browser.js("document.querySelector('.user .bubble').click()")
+    browser.js("document.querySelector('.edit textarea').value = 'What is 6*7?';"
+               "[...document.querySelectorAll('.edit button')].find(b => b.textContent.startsWith('Save')).click()")
+    browser.wait(DONE + " && messages.length === 2 && !messages[1].running")
+    q = [{"role": "user", "content": "What is 6*7?"}]
+    assert scripted.prompts[-1] == tokenizer.render_for_completion(q)
+    # a follow-up turn, with the settings changed: the history carries the tool call and its output
+    browser.js("document.getElementById('temperature').value = '0.3'; document.getElementById('topk').value = '7';"
+               "input.value = 'thanks'; document.getElementById('send').click()")
+    browser.wait(DONE + " && messages.length === 4 && !messages[3].running")
+    parts = [{"type": "text", "text": "Let me compute."}, {"type": "python", "text": "12*7"},
+             {"type": "python_output", "text": "84"}, {"type": "text", "text": " The answer is 84."}]
+    assert scripted.prompts[-1] == tokenizer.render_for_completion(q + [{"role": "assistant", "content": parts},
+                                                                        {"role": "user", "content": "thanks"}])
+    rec = last_log(caplog)
+    assert (rec["temperature"], rec["top_k"]) == (0.3, 7)
+    # stop: a slow reply is cut off, the page says so, the server frees the worker
+    scripted.delay = 0.3
+    browser.js("input.value = 'slowly'; document.getElementById('send').click()")
+    browser.wait("Number(chat.dataset.chunks) >= 1 && messages.length === 6 && messages[5].content.length > 0")
+    browser.js("document.getElementById('stop').click()")
+    browser.wait(DONE)
+    assert "(stopped)" in browser.js("chat.innerText")
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["free"] == 1)
+    assert last_log(caplog)["finish"] == "disconnected"
+    scripted.delay = 0.0
+    # fenced code in a reply is shown as a code block
+    browser.js("messages.push({role: 'assistant', content: [{type: 'text', text: 'see\\n```python\\nprint(1)\\n```\\nok'}]});"
+               "render()")
+    assert browser.js("document.querySelector('.assistant:last-child pre code').textContent") == "print(1)\n"
+    assert browser.js("document.querySelector('.assistant:last-child pre').dataset.lang") == "python"
+    # new chat: an empty page
+    browser.js("document.getElementById('new').click()")
+    assert browser.js("messages.length") == 0 and browser.js("chat.children.length") == 0
+    assert browser.js("document.documentElement.scrollWidth <= window.innerWidth")  # fits a phone's width
