@@ -8,10 +8,11 @@ train.py: the GPT model, the Muon+AdamW optimizer, the token loader and the pret
 
 One dial: --depth sets the width (depth x 64, heads of 128), the learning rates and the training
 horizon (tokens = --target-param-data-ratio x scaling params). Later stages import from here:
-GPT, GPTConfig, setup_optimizer, lr_multiplier, TokenLoader, evaluate_bpb, save_checkpoint,
-load_checkpoint, load_model, compute_init/compute_cleanup.
+GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, train_step,
+TokenLoader, evaluate_bpb, save_checkpoint, load_checkpoint, load_model, checkpoint_root,
+last_step, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
 """
-import argparse, contextlib, json, math, os, random, shutil, time
+import argparse, bisect, contextlib, json, math, os, random, shutil, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -505,7 +506,6 @@ class TokenLoader:
         return True
 
     def _insert(self, doc):
-        import bisect
         i = bisect.bisect_right(self.lens, len(doc))
         self.lens.insert(i, len(doc))
         self.docs.insert(i, doc)
@@ -519,7 +519,6 @@ class TokenLoader:
                 break
 
     def _row(self):
-        import bisect
         row, n = np.empty(self.T + 1, dtype=np.int32), 0
         while n < self.T + 1:
             self._fill()
@@ -811,7 +810,8 @@ def parse_args(argv=None):
     a("--run", default="dummy", help="wandb run name (wandb only when installed and this is not 'dummy')")
     # compute
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    a("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    a("--compile", default="auto", choices=["auto", "on", "off"],
+      help="torch.compile: auto = on CUDA only; 'on' also helps CPU (~2x, needs a C++ compiler, ~30s to compile)")
     a("--attn", default="auto", choices=["auto", "sdpa", "flex"], help="auto = flex when compiled on CUDA, else sdpa")
     a("--seed", type=int, default=42)
     a("--buffer-docs", type=int, default=1000, help="documents the packer chooses from")
@@ -887,10 +887,10 @@ def pretrain(args):
     flops_per_token = model.estimate_flops()
     use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
     autocast_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    compiled = device.type == "cuda" and not args.no_compile
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.attn == "flex" and device.type != "cuda":
         raise SystemExit("--attn flex needs CUDA (flex attention has no CPU backward); use --attn sdpa")
-    if args.attn == "flex" or (args.attn == "auto" and compiled):
+    if args.attn == "flex" or (args.attn == "auto" and compiled and device.type == "cuda"):
         model.use_flex_attention(args.max_seq_len, device)
     optimizer = setup_optimizer(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr,
                                 args.weight_decay, rank, ws)
@@ -903,7 +903,7 @@ def pretrain(args):
                   "max_seq_len": args.max_seq_len, "data": args.data, "num_iterations": num_iterations}
 
     # resume: refuse anything that would not continue the same run
-    start_step, smooth_loss, train_time, val_bpb, min_val_bpb = 0, 0.0, 0.0, None, None
+    start_step, smooth_loss, train_time, timed_steps, val_bpb, min_val_bpb = 0, 0.0, 0.0, 0, None, None
     if args.resume:
         if last_step(ckpt_dir) is None:
             raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
@@ -927,7 +927,7 @@ def pretrain(args):
         train_loader.load_state_dict(rank_state["loader"])
         set_rng_state(rank_state["rng"], device)
         start_step = meta["step"]
-        smooth_loss, train_time = meta["loop"]["smooth_loss"], meta["loop"]["train_time"]
+        smooth_loss, train_time, timed_steps = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["timed_steps"]
         val_bpb, min_val_bpb = meta["loop"]["val_bpb"], meta["loop"]["min_val_bpb"]
         del model_state, optim_state
         print0(f"resumed {ckpt_dir} at step {start_step}")
@@ -965,7 +965,8 @@ def pretrain(args):
     def save(step):
         meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
                 "train": train_meta, "args": vars(args), "num_params": sum(p.numel() for p in raw_model.parameters()),
-                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb}}
+                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "timed_steps": timed_steps, "val_bpb": val_bpb,
+                         "min_val_bpb": min_val_bpb}}
         rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
         path = save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta, rank, ws,
                                rank_state, args.keep_last)
@@ -978,7 +979,7 @@ def pretrain(args):
            f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
            f"{ws} rank(s) on {device} | {'bf16' if use_bf16 else 'fp32'}{' compiled' if compiled else ''}")
     eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-    core, mfu, step, val_batches = None, None, start_step, None
+    core, step, val_batches = None, start_step, None
     t_start = time.time()
     while True:
         last = step == num_iterations
@@ -1027,14 +1028,13 @@ def pretrain(args):
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
         if step > start_step:  # the first step of a run includes compilation and warmup
-            train_time += dt
+            train_time, timed_steps = train_time + dt, timed_steps + 1
         beta = 0.9  # smoothed, debiased loss
         smooth_loss = beta * smooth_loss + (1 - beta) * loss
         shown = smooth_loss / (1 - beta ** (step + 1))
         tok_per_s = args.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_s / (peak * ws) if (peak and use_bf16) else None
-        done = step + 1 - start_step
-        eta = (train_time / max(done - 1, 1)) * (num_iterations - step - 1)
+        eta = train_time / max(timed_steps, 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | lrm {lrm:.2f} | "
                f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s | mfu {f'{mfu:.1f}%' if mfu is not None else 'n/a'} | "
                f"elapsed {_fmt_time(time.time() - t_start)} | eta {_fmt_time(eta)}")
@@ -1043,8 +1043,10 @@ def pretrain(args):
         step += 1
 
     if master and step == num_iterations:
+        avg_tok_s = args.total_batch_size * timed_steps / train_time if train_time > 0 else None
+        avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and use_bf16) else None
         report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "core_metric": core,
-                  "mfu": mfu, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
+                  "mfu": avg_mfu, "tok_per_s": avg_tok_s, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
                   "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
                   "flops_per_token": flops_per_token, "world_size": ws, "device": str(device)}
         tok.write_report("base", report)

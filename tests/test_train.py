@@ -325,6 +325,7 @@ def test_resume_is_exact_and_the_run_reports(corpus, speedchat_home):
     assert steps == ["step_000015", "step_000020"]    # --keep-last 2
     report = json.loads((speedchat_home / "report" / "base.json").read_text())
     assert report["val_bpb"] == bpb(a)[-1][1] and report["tokens"] == 20 * 256 and report["num_params"] > 0
+    assert report["tok_per_s"] > 0 and report["mfu"] is None  # no bf16 peak on CPU
     model, tokenizer, meta = train.load_model("base", None, None, "cpu")  # newest tag, last step
     assert meta["step"] == 20 and not model.training and model.config.n_embd == 64
     assert meta["tokenizer_hash"] == tokenizer.hash
