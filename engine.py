@@ -415,7 +415,7 @@ class Engine:
         cache_dtype = torch.bfloat16 if use_bf16(device) else None
         prefill = KVCache(1, n_layer, len(tokens), cache_dtype)
         with autocast_for(device):
-            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill)[:, -1, :]
+            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill, last_only=True)[:, -1, :]
         kv = KVCache(num_samples, n_layer, len(tokens) + max_tokens, cache_dtype)
         kv.copy_from(prefill)
         del prefill

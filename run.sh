@@ -1,17 +1,83 @@
 #!/usr/bin/env bash
-# The whole pipeline, start to end. Until the later stages land it trains the tokenizer on a
-# local corpus: $1 (a file or folder of .parquet/.jsonl/.txt) or, by default, this repository's
-# own Python sources, which are always at hand offline.
+# speedchat, start to end: bash run.sh [cpu|d12|speedrun]
+#   cpu       (default on a machine without a GPU) the offline toy world on CPU: tokenizer, a tiny
+#             GPT, mid + SFT, RL, evals, report. No network.
+#   d12       one GPU, a quick research run on ClimbMix.
+#   speedrun  8 GPUs, the race to GPT-2 grade CORE.
+# Re-runnable: a stage whose report section exists is skipped; one with checkpoints resumes.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# ---- environment: a venv with the runtime dependencies (a CPU torch wheel when none is installed)
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
-.venv/bin/pip install -q -e .
-export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME/.cache/speedchat}"
-DATA="${1:-}"
-if [ -z "$DATA" ]; then
-  DATA="$SPEEDCHAT_HOME/demo_text"; mkdir -p "$DATA"
-  for f in *.py tests/*.py; do cp "$f" "$DATA/$(basename "$f").txt"; done
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
 fi
-.venv/bin/python tok.py train --data "$DATA" --vocab-size 2048
-.venv/bin/python tok.py eval --data "$DATA"
+.venv/bin/pip install -q -e . 2>/dev/null || .venv/bin/pip install -q -e .
+PY=.venv/bin/python
+export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME/.cache/speedchat}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+PRESET="${1:-}"
+if [ -z "$PRESET" ]; then
+  if [ "$GPUS" -gt 0 ]; then
+    echo "This machine has $GPUS GPU(s). Pick a preset: bash run.sh d12 (1 GPU) | speedrun (8 GPUs) | cpu (the offline toy world)"
+    exit 1
+  fi
+  PRESET=cpu
+fi
+
+done_stage() { [ -f "$SPEEDCHAT_HOME/report/$1.json" ]; }
+resume_flag() { if ls "$SPEEDCHAT_HOME/checkpoints/$1/$2"/step_* >/dev/null 2>&1; then echo --resume; fi; }
+stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
+T0=$(date +%s)
+
+case "$PRESET" in
+cpu)
+  # Sized for 2 cores: a ~1M-parameter GPT sees the toy world's 2.5M characters a few times in
+  # pretraining; mid and SFT teach the chat format, facts questions and the calculator; RL sharpens
+  # the arithmetic. Each stage prints progress; report.md shows what each one learned.
+  DATA=toy; TAG=toy
+  stage "tokenizer on the toy world"
+  [ -f "$SPEEDCHAT_HOME/tokenizer/tokenizer.json" ] || $PY tok.py train --data $DATA --vocab-size 4096
+  stage "pretraining"
+  done_stage base || $PY train.py --data $DATA --tag $TAG --depth 2 --aspect-ratio 64 --head-dim 64 \
+      --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600 \
+      --eval-every 100 --eval-tokens 32768 --sample-every 0 --core-metric-every -1 --save-every 200 \
+      --warmup-ratio 0.02 $(resume_flag base $TAG)
+  stage "midtraining"
+  done_stage mid || $PY chat_sft.py --stage mid --mixture toy --model-tag $TAG --tag $TAG $(resume_flag mid $TAG)
+  stage "supervised finetuning"
+  done_stage sft || $PY chat_sft.py --stage sft --mixture toy --model-tag $TAG --tag $TAG $(resume_flag sft $TAG)
+  stage "reinforcement learning on toy arithmetic"
+  done_stage rl || $PY chat_rl.py --task toy --model-tag $TAG --tag $TAG $(resume_flag rl $TAG)
+  ;;
+d12|speedrun)
+  # ClimbMix: about 250M characters a shard. d12 trains ~10.5 tokens per parameter on ~1.4B
+  # tokens (24 shards); the speedrun's d24 wants ~7B tokens (~170 shards at ~4.3 bytes/token).
+  if [ "$PRESET" = d12 ]; then SHARDS=24; DEPTH=12; NPROC=1; else SHARDS=180; DEPTH=24; NPROC=8; fi
+  TAG=d$DEPTH
+  stage "data: the first 8 shards now, the rest in the background while the tokenizer trains"
+  $PY tok.py download -n 8
+  $PY tok.py download -n $SHARDS > "$SPEEDCHAT_HOME/download.log" 2>&1 &
+  DL=$!
+  stage "tokenizer (2B characters)"
+  [ -f "$SPEEDCHAT_HOME/tokenizer/tokenizer.json" ] || $PY tok.py train --max-chars 2000000000
+  wait $DL
+  stage "pretraining d$DEPTH on $NPROC GPU(s)"
+  done_stage base || torchrun --standalone --nproc_per_node=$NPROC train.py --depth $DEPTH --tag $TAG \
+      --core-metric-every 2000 $(resume_flag base $TAG)
+  stage "midtraining"
+  done_stage mid || torchrun --standalone --nproc_per_node=$NPROC chat_sft.py --stage mid --model-tag $TAG --tag $TAG $(resume_flag mid $TAG)
+  stage "supervised finetuning"
+  done_stage sft || torchrun --standalone --nproc_per_node=$NPROC chat_sft.py --stage sft --model-tag $TAG --tag $TAG $(resume_flag sft $TAG)
+  ;;
+*)
+  echo "unknown preset '$PRESET': use cpu, d12 or speedrun"; exit 2 ;;
+esac
+
+stage "report"
+$PY evals.py report
+echo
+echo "done in $(( ($(date +%s) - T0) / 60 )) min: $SPEEDCHAT_HOME/report/report.md"
+echo "chat with it:  $PY engine.py chat --source $( [ "$PRESET" = cpu ] && echo rl || echo sft )   or   $PY serve.py --source $( [ "$PRESET" = cpu ] && echo rl || echo sft )"

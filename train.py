@@ -234,8 +234,9 @@ class GPT(nn.Module):
         self._block_masks = {w: make_block_mask(T, w, device) for w in set(self.window_sizes)}
         self._flex_T = T
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
-        """idx (B, T) -> logits (B, T, vocab_size) fp32, or the loss against targets (B, T) (-1 = ignore)."""
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
+        """idx (B, T) -> logits (B, T, vocab_size) fp32, or the loss against targets (B, T) (-1 = ignore).
+        last_only: logits of the last position only (B, 1, vocab_size), all a prefill needs."""
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
         if pos + T > self._rope_len or self.rope_cos.device != idx.device:  # eager paths only (engine, CPU)
@@ -251,7 +252,7 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, w, kv_cache, self._block_masks[w] if flex else None)
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x)
+        x = norm(x[:, -1:] if last_only else x)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab_size)
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:

@@ -46,7 +46,7 @@ class ScriptedModel(torch.nn.Module):
         self.config = types.SimpleNamespace(n_layer=n_layer, sequence_len=sequence_len)
         self.seen, self.calls = None, []
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         B, T = idx.shape
         self.calls.append((B, T))
         if kv_cache.pos == 0:

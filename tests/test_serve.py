@@ -76,7 +76,7 @@ class NeverStops(torch.nn.Module):
         super().__init__()
         self.inner, self.config, self.n_plain, self.delay, self.calls = inner, inner.config, n_plain, delay, 0
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         self.calls += 1
         time.sleep(self.delay)
         logits = self.inner(idx, kv_cache=kv_cache)
@@ -95,7 +95,7 @@ class ScriptedModel(torch.nn.Module):
         self.config = types.SimpleNamespace(n_layer=1, sequence_len=sequence_len)
         self.prompts, self.delay = [], 0.0  # every prompt it was given; seconds per step
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         B, T = idx.shape
         time.sleep(self.delay)
         if kv_cache.pos == 0:
