@@ -16,7 +16,6 @@ fi
 .venv/bin/pip install -q -e . 2>/dev/null || .venv/bin/pip install -q -e .
 PY=.venv/bin/python
 export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME/.cache/speedchat}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 PRESET="${1:-}"
 if [ -z "$PRESET" ]; then
@@ -38,6 +37,7 @@ cpu)
   # pretraining; mid and SFT teach the chat format, facts questions and the calculator; RL sharpens
   # the arithmetic. Each stage prints progress; report.md shows what each one learned.
   DATA=toy; TAG=toy
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # a ~1M-parameter model is fastest on one thread
   stage "tokenizer on the toy world"
   [ -f "$SPEEDCHAT_HOME/tokenizer/tokenizer.json" ] || $PY tok.py train --data $DATA --vocab-size 4096
   stage "pretraining"

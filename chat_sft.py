@@ -1,0 +1,678 @@
+"""
+chat_sft.py: midtraining and supervised finetuning. A base model becomes a chat model.
+
+  python chat_sft.py --stage mid                                  # base -> mid (default mixture, downloads)
+  python chat_sft.py --stage sft                                  # mid -> sft
+  python chat_sft.py --stage mid --mixture toy                    # offline: the toy world (small batches)
+  python chat_sft.py --stage sft --mixture toy                    # then sft on it
+  torchrun --standalone --nproc_per_node=8 chat_sft.py --stage sft   # the same math on 8 GPUs
+  python chat_sft.py --measure base,mid,sft --model-tag toy      # toy-world figures: facts, turn ends, tool calls
+
+Two stages, one file. mid starts from a base checkpoint and trains on every token of conversations
+packed best-fit into full rows, as in pretraining: it teaches the special tokens, tool use and
+multiple choice. sft starts from mid (or base: --init-from base) with one conversation per row,
+padded, and a loss only where render_conversation's mask is 1 (what the assistant says).
+--total-batch-size counts tokens for mid (as train.py) and conversations (rows) for sft.
+
+Reads top to bottom: constants, the identity and SmolTalk tasks, the mixtures, the two loaders,
+the optimizer step, the loop, the toy-world measurement, the command line.
+"""
+import argparse, bisect, contextlib, json, math, random, shutil, time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import tok
+import train
+import engine
+import evals
+
+# ----------------------------------------------------------------------------- constants
+
+# Per-stage defaults (nanochat's): a flag left at -1 / None takes these.
+STAGES = {
+    "mid": dict(init_from="base", device_batch_size=32, total_batch_size=524288, init_lr_frac=1.0, warmdown_ratio=0.2),
+    "sft": dict(init_from="mid", device_batch_size=4, total_batch_size=32, init_lr_frac=0.02, warmdown_ratio=1.0),
+}
+# The toy world is ~6K short conversations (~250K tokens): nanochat's half-million-token mid step would
+# make one pass a single step. 0 = one micro-batch per rank (16 rows of the model's context).
+TOY_BATCH = {"mid": dict(device_batch_size=16, total_batch_size=0), "sft": dict(device_batch_size=16, total_batch_size=32)}
+EVAL_TASKS = {"default": "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee", "toy": "ToyFacts,ToyMath,ToySpell"}
+ESTIMATE_SAMPLE = 2000     # mid's "one pass" is estimated from this many conversations' lengths
+MEASURE_MAX_TOKENS = 64    # toy answers are ~15-45 tokens; a model that never stops is cut here
+IDENTITY_SIZE = 500
+
+# ----------------------------------------------------------------------------- identity conversations
+# Who the model is, from our own templates: several hundred varied conversations (one to three
+# topics, greetings, casing and punctuation noise), seeded, so every run sees the same ones.
+
+IDENTITY_TOPICS = {  # topic -> (user questions, assistant answers); any answer fits any question of its topic
+    "name": (["What is your name?", "Who are you?", "What should I call you?", "Do you have a name?", "What are you called?",
+              "Introduce yourself."],
+             ["I'm speedchat, a small chat model.", "My name is speedchat.",
+              "You can call me speedchat. I'm a small language model trained to chat.",
+              "I'm speedchat: a compact ChatGPT-like assistant, trained from scratch."]),
+    "maker": (["Who made you?", "Who created you?", "Who built you?", "Who trained you?", "Where do you come from?",
+               "Are you made by OpenAI?", "Which company made you?"],
+              ["I was built by the speedchat project, an open-source effort that trains a ChatGPT-like model from scratch, "
+               "in the spirit of Andrej Karpathy's nanochat.",
+               "The speedchat project made me. It is open source: anyone can read the code that trained me, stage by stage.",
+               "I'm not made by a big company. The open-source speedchat project trained me from raw text, "
+               "with a small and readable codebase inspired by nanochat and the modded-nanogpt speedrun."]),
+    "what": (["What are you?", "Are you a human?", "Are you ChatGPT?", "Are you an AI?", "Tell me about yourself.",
+              "Are you a person?"],
+             ["I'm an AI language model called speedchat, not a person. I predict text one token at a time.",
+              "I'm speedchat, a small AI assistant. I'm not ChatGPT, though I was trained to chat in a similar way.",
+              "I'm a language model, a neural network called speedchat. I'm much smaller than ChatGPT, so I make more mistakes."]),
+    "can": (["What can you do?", "How can you help me?", "What are you good at?", "What can I ask you?"],
+            ["I can chat, answer simple questions, spell words, count letters, and do arithmetic with a small python tool.",
+             "I can hold a conversation, answer questions, and work out arithmetic by calling a python calculator.",
+             "Ask me questions, ask me to spell a word, or give me a math problem: I'll use python for the arithmetic."]),
+    "limits": (["Can you browse the internet?", "Are you always right?", "What are your limitations?",
+                "Do you know today's news?", "Can I trust your answers?"],
+               ["I can't browse the internet, and I'm a small model, so I often make mistakes. Please check important answers.",
+                "No, I'm not always right. I'm small, I have no internet access, and my knowledge stops at my training data.",
+                "I only know what was in my training data, I can't look anything up, and I can be confidently wrong."]),
+    "training": (["How were you trained?", "What data were you trained on?", "How big are you?", "How do you work?"],
+                 ["I was trained in stages: a tokenizer, pretraining on web text, then midtraining and finetuning on "
+                  "conversations, and finally a bit of reinforcement learning.",
+                  "First I read a lot of text to learn language, then I was finetuned on conversations to become an assistant.",
+                  "I'm a transformer, a neural network; how big depends on the speedchat run that trained me, from a few million "
+                  "to about a billion parameters."]),
+    "tools": (["Can you use tools?", "How do you do arithmetic?", "Can you run code?", "Can you do math?"],
+              ["For arithmetic I write a short python expression, a sandbox runs it, and I read the result.",
+               "I can call a python tool. For sums I write the expression and use the exact result it returns.",
+               "I can do math by calling python for the calculation, which is more reliable than doing it in my head."]),
+}
+GREETINGS = (["Hi!", "Hello", "hey", "Good morning!", "Hi there.", "hello!", "Hey, how are you?"],
+             ["Hello! I'm speedchat. How can I help you today?", "Hi! What can I do for you?",
+              "Hello! I'm doing well, thanks. What would you like to talk about?"])
+THANKS = (["Thanks!", "thank you", "Great, thanks.", "ok, cool"],
+          ["You're welcome!", "Happy to help. Anything else?", "Glad I could help."])
+
+
+def _noisy(rng, text):
+    """Users type carelessly: sometimes lowercase, no final punctuation, a lead-in."""
+    if rng.random() < 0.2:
+        text = rng.choice(["Quick question: ", "Hey, ", "So, ", "I wonder, "]) + text[0].lower() + text[1:]
+    if rng.random() < 0.25:
+        text = text.lower()
+    if rng.random() < 0.2:
+        text = text.rstrip("?.!")
+    return text
+
+
+class Identity(evals.Task):
+    """Conversations about speedchat itself, generated from the templates above."""
+    name = "Identity"
+
+    def __init__(self, size=IDENTITY_SIZE, seed=0, **kw):
+        super().__init__(**kw)
+        self.size, self.seed = size, seed
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, i):
+        rng = random.Random(f"identity:{self.seed}:{i}")
+        turns = []
+        if rng.random() < 0.3:
+            turns.append(GREETINGS)
+        turns += [IDENTITY_TOPICS[t] for t in rng.sample(sorted(IDENTITY_TOPICS), rng.choice([1, 1, 2, 2, 3]))]
+        if rng.random() < 0.15:
+            turns.append(THANKS)
+        messages = []
+        for questions, answers in turns:
+            messages += [{"role": "user", "content": _noisy(rng, rng.choice(questions))},
+                         {"role": "assistant", "content": rng.choice(answers)}]
+        return {"messages": messages}
+
+    def evaluate(self, item, completion):
+        return float("speedchat" in completion.lower())
+
+
+class SmolTalk(evals.Task):
+    """General conversations (HuggingFaceTB/smol-smoltalk, split train or test), in its 'messages' field."""
+    name = "SmolTalk"
+
+    def __init__(self, split="train", **kw):
+        super().__init__(**kw)
+        self.split = split
+        self.rows = evals.hf_rows("HuggingFaceTB/smol-smoltalk", "default", split)
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, i):
+        row = self.rows[i]
+        evals._need(row, ("messages",), f"HuggingFaceTB/smol-smoltalk {self.split} row {i}")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
+
+    def evaluate(self, item, completion):
+        raise NotImplementedError("SmolTalk is for training only: it has no grader")
+
+
+# ----------------------------------------------------------------------------- the mixtures
+# The one place that says what each stage trains on: name -> [(label, factory, epochs in mid,
+# epochs in sft)]. A fraction of an epoch takes the task's first part; 0 leaves the task out of that
+# stage (its factory is never called, so nothing is downloaded for it).
+
+MIXTURES = {
+    "default": [
+        ("SmolTalk", lambda: SmolTalk("train"), 1, 0.022),                             # 460K chats; sft: ~10K
+        ("MMLU", lambda: evals.MMLU("auxiliary_train", "train"), 1, 0),               # 100K multiple choice
+        ("ARC-Easy", lambda: evals.ARC("ARC-Easy", "train"), 0, 1),                   # 2.3K multiple choice
+        ("ARC-Challenge", lambda: evals.ARC("ARC-Challenge", "train"), 0, 1),         # 1.1K
+        ("GSM8K", lambda: evals.GSM8K("main", "train"), 1, 1),                        # 7.5K, calculator calls -> python
+        ("Identity", lambda: Identity(), 2, 1),                                       # who speedchat is
+        ("SpellingBee", lambda: evals.SpellingBee(size=200_000, split="train"), 1, 0.003),  # 200K; sft: 600
+        ("ToyFacts", lambda: evals.ToyFacts("train"), 1, 1),                          # the offline toy world
+        ("ToyMath", lambda: evals.ToyMath("train"), 1, 0.25),
+        ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
+    ],
+    "toy": [  # offline: the toy world alone (facts are few, so they are repeated)
+        ("ToyFacts", lambda: evals.ToyFacts("train"), 4, 2),
+        ("ToyMath", lambda: evals.ToyMath("train"), 1, 0.5),
+        ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
+        ("Identity", lambda: Identity(), 1, 0.5),
+    ],
+}
+
+
+def build_mixture(name: str, stage: str, seed: int = 42) -> evals.TaskMixture:
+    """The stage's conversations of mixture `name`, shuffled together with a fixed seed."""
+    if name not in MIXTURES:
+        raise SystemExit(f"--mixture {name}: unknown mixture; known: {', '.join(MIXTURES)}")
+    tasks, parts = [], []
+    for label, factory, *per_stage in MIXTURES[name]:
+        epochs = per_stage[0 if stage == "mid" else 1]
+        if epochs <= 0:
+            continue
+        task = factory()
+        whole, frac = int(epochs), epochs - int(epochs)
+        tasks += [task] * whole
+        if round(frac * len(task)) > 0:
+            tasks.append(task[:round(frac * len(task))])
+        parts.append(f"{label} {round(epochs * len(task)):,}")
+    train.print0(f"mixture {name} ({stage}): " + " + ".join(parts))
+    return evals.TaskMixture(tasks, seed=seed)
+
+
+# ----------------------------------------------------------------------------- the loaders
+# Rank r of ws reads positions r, r + ws, r + 2ws, ... of the endless stream mixture[0], mixture[1],
+# ..., mixture[N-1], mixture[0], ...: ranks never share a conversation within a pass, and a loader's
+# whole position is a few integers, so a resume is exact.
+
+class _Stream:
+    def __init__(self, mixture, tokenizer, T, rank=0, world_size=1):
+        if len(mixture) < world_size:
+            raise SystemExit(f"--mixture: {len(mixture)} conversations cannot feed {world_size} ranks")
+        self.mixture, self.tokenizer, self.T, self.rank, self.ws = mixture, tokenizer, T, rank, world_size
+        self.pos, self.skipped = 0, 0  # this rank's next position; conversations that failed to render
+
+    def render(self, g):
+        """(ids, mask) of stream position g, cropped to a row of T+1 tokens; None if it is malformed."""
+        try:
+            return self.tokenizer.render_conversation(self.mixture[g % len(self.mixture)]["messages"], max_tokens=self.T + 1)
+        except ValueError as e:  # a malformed conversation in a dataset: skip it, do not die mid-run
+            self.skipped += 1
+            if self.skipped <= 3:
+                print(f"rank {self.rank}: skipping conversation {g % len(self.mixture)}: {e}")
+            return None
+
+    def next(self):
+        """(g, ids, mask) of this rank's next well-formed conversation."""
+        while True:
+            g = self.pos * self.ws + self.rank
+            self.pos += 1
+            r = self.render(g)
+            if r is not None:
+                return g, r[0], r[1]
+
+    @property
+    def epoch(self) -> float:
+        return self.pos * self.ws / len(self.mixture)
+
+
+def _to_device(x, y, device):
+    if device.type == "cuda":
+        x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x, y
+
+
+class PackedLoader(_Stream):
+    """mid: rows of T+1 tokens packed best-fit from whole conversations (each starts with <|bos|>): the
+    longest buffered conversation that fits the room left goes next. A conversation longer than a row
+    was cropped to one row; when nothing fits, the rest of the row is padding (input <|bos|>, target
+    -1). Every token of a conversation is a target: mid learns the whole format."""
+
+    def __init__(self, mixture, tokenizer, batch_size, T, rank=0, world_size=1, device="cpu", buffer=1000):
+        super().__init__(mixture, tokenizer, T, rank, world_size)
+        self.B, self.device, self.buffer = batch_size, torch.device(device), buffer
+        self.lens, self.gs, self.docs = [], [], []  # the buffer, sorted by length (ties: arrival order)
+
+    def _insert(self, g, ids):
+        i = bisect.bisect_right(self.lens, len(ids))
+        self.lens.insert(i, len(ids))
+        self.gs.insert(i, g)
+        self.docs.insert(i, ids)
+
+    def _row(self):
+        row, valid, n = np.full(self.T + 1, self.tokenizer.bos_id, np.int64), np.zeros(self.T + 1, bool), 0
+        while True:
+            while len(self.docs) < max(1, self.buffer):
+                g, ids, _ = self.next()
+                self._insert(g, ids)
+            i = bisect.bisect_right(self.lens, self.T + 1 - n) - 1  # the longest that fits
+            if i < 0:
+                return row, valid
+            ids = self.docs.pop(i)
+            self.lens.pop(i)
+            self.gs.pop(i)
+            row[n:n + len(ids)], valid[n:n + len(ids)] = ids, True
+            n += len(ids)
+
+    def next_batch(self):
+        """(inputs, targets), both (B, T) int64; targets -1 on padding."""
+        rows, valid = zip(*(self._row() for _ in range(self.B)))
+        rows, valid = torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(valid))
+        y = torch.where(valid[:, 1:], rows[:, 1:], -1)
+        return _to_device(rows[:, :-1].contiguous(), y, self.device)
+
+    def state_dict(self):
+        return {"pos": self.pos, "buffer": list(self.gs), "rank": self.rank, "world_size": self.ws}
+
+    def load_state_dict(self, state):
+        self.pos, self.lens, self.gs, self.docs = state["pos"], [], [], []
+        for g in state["buffer"]:  # rendering is deterministic: the same tokens, in the same order
+            ids = self.render(g)[0]
+            self.lens.append(len(ids))
+            self.gs.append(g)
+            self.docs.append(ids)
+
+
+def collate_sft(examples, pad_id):
+    """One conversation per row, padded to the longest: inputs ids[:-1]; targets ids[1:] where the mask
+    is 1, else -1 (user turns, tool outputs, <|bos|>, <|assistant_start|>, padding)."""
+    L = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), max(L, 1)), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), max(L, 1)), -1, dtype=torch.long)
+    for r, (ids, mask) in enumerate(examples):
+        ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)
+        n = len(ids) - 1
+        x[r, :n] = ids_t[:-1]
+        y[r, :n] = torch.where(mask_t[1:], ids_t[1:], -1)
+    return x, y
+
+
+class RowLoader(_Stream):
+    """sft: micro-batches of B conversations, one a row (collate_sft)."""
+
+    def __init__(self, mixture, tokenizer, batch_size, T, rank=0, world_size=1, device="cpu"):
+        super().__init__(mixture, tokenizer, T, rank, world_size)
+        self.B, self.device = batch_size, torch.device(device)
+
+    def next_batch(self):
+        examples = [self.next()[1:] for _ in range(self.B)]
+        return _to_device(*collate_sft(examples, self.tokenizer.bos_id), self.device)
+
+    def state_dict(self):
+        return {"pos": self.pos, "rank": self.rank, "world_size": self.ws}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+# ----------------------------------------------------------------------------- the optimizer step
+
+def train_step(model, optimizer, batches, world_size=1, autocast_ctx=contextlib.nullcontext):
+    """One optimizer step over this rank's micro-batches. The loss is the sum of token losses over the
+    number of target tokens in the whole step, on all ranks: every assistant token weighs the same
+    however rows are padded or split, and a micro-batch with no targets adds nothing (not NaN).
+    Returns that loss (a 0-d tensor, the same on every rank)."""
+    n = sum((y >= 0).sum() for _, y in batches).float()
+    if world_size > 1:
+        dist.all_reduce(n)
+    n = n.clamp(min=1)
+    total = 0.0
+    for x, y in batches:
+        with autocast_ctx():
+            loss = model(x, y, loss_reduction="sum")
+        (loss * (world_size / n)).backward()  # the optimizer averages gradients over ranks: x ws undoes it
+        total = total + loss.detach()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if world_size > 1:
+        dist.all_reduce(total)
+    return total / n
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Midtraining and SFT (chat_sft.py)")
+    a = p.add_argument
+    a("--stage", choices=list(STAGES), help="mid (packed, every token) or sft (a row each, assistant tokens)")
+    a("--mixture", default="default", help=f"one of: {', '.join(MIXTURES)} (toy: offline)")
+    a("--init-from", default=None, help="base | mid: the checkpoint to start from (default: base for mid, mid for sft)")
+    a("--model-tag", default=None, help="tag of that checkpoint (default: its newest)")
+    a("--model-step", type=int, default=None, help="step of that checkpoint (default: its last)")
+    a("--tag", default=None, help="output folder checkpoints/<stage>/<tag> (default: the source's tag)")
+    # horizon and batch
+    a("--num-iterations", type=int, default=-1, help="optimizer steps; -1 = one pass over the mixture (estimated for mid)")
+    a("--device-batch-size", type=int, default=-1, help="rows per micro-batch per rank (-1: mid 32, sft 4; toy 16)")
+    a("--total-batch-size", type=int, default=-1, help="per optimizer step, all ranks: mid in tokens "
+      "(-1: 524288; toy: one micro-batch), sft in conversations (-1: 32)")
+    a("--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = the model's context)")
+    a("--buffer-convs", type=int, default=1000, help="mid: conversations the packer chooses from")
+    # optimization (train.py's rates, times --init-lr-frac)
+    a("--embedding-lr", type=float, default=0.2)
+    a("--unembedding-lr", type=float, default=0.004)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.02)
+    a("--init-lr-frac", type=float, default=-1, help="scales every rate (-1: 1.0 from base, 0.02 for sft from mid)")
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup-ratio", type=float, default=0.0)
+    a("--warmdown-ratio", type=float, default=-1, help="-1: mid 0.2, sft 1.0 (linear decay to --final-lr-frac)")
+    a("--final-lr-frac", type=float, default=0.0)
+    # checkpoints
+    a("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
+    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
+    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
+    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (resume later)")
+    # evaluation
+    a("-a", "--eval-tasks", default=None,
+      help=f"chat tasks at the end, comma-separated, or 'none' (default: {EVAL_TASKS['default']}; toy: {EVAL_TASKS['toy']})")
+    a("--max-problems", type=int, default=-1, help="first N items of each eval task (-1 = all)")
+    a("--max-new-tokens", type=int, default=512, help="generation budget of generative eval tasks")
+    a("--measure", default=None, metavar="SOURCES",
+      help="no training: toy-world figures of these checkpoints, e.g. base,mid,sft or base:toy,sft:toy2 "
+      "(default tag --model-tag, else the newest; --max-problems)")
+    # compute
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile: auto = on CUDA only")
+    a("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    if args.measure is None and args.stage is None:
+        p.error("--stage mid|sft is required (or --measure SOURCES)")
+    return args
+
+
+def check_args(args):
+    """Every bad flag fails here with one line naming it, before any model, data or folder is touched."""
+    if args.mixture not in MIXTURES:
+        raise SystemExit(f"--mixture {args.mixture}: unknown mixture; known: {', '.join(MIXTURES)}")
+    for flag in ("device_batch_size", "total_batch_size", "buffer_convs"):
+        if getattr(args, flag) < 1 and getattr(args, flag) != -1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    d = {**STAGES[args.stage], **(TOY_BATCH[args.stage] if args.mixture == "toy" else {})}
+    for k in ("init_from", "device_batch_size", "total_batch_size", "init_lr_frac", "warmdown_ratio"):
+        if getattr(args, k) in (None, -1):
+            # sft straight from base meets the special tokens for the first time: it needs mid's full rates
+            # (toy world: at 0.02 it never learns to end a turn; at 1.0 it does)
+            setattr(args, k, 1.0 if k == "init_lr_frac" and args.init_from == "base" else d[k])
+    if args.init_from not in ("base", "mid") or (args.stage == "mid" and args.init_from == "mid"):
+        raise SystemExit(f"--init-from {args.init_from}: use base{' or mid' if args.stage == 'sft' else ''} for --stage {args.stage}")
+    if args.num_iterations == 0 or args.num_iterations < -1:
+        raise SystemExit(f"--num-iterations {args.num_iterations}: must be >= 1 (or -1 for one pass)")
+    if args.max_problems == 0:
+        raise SystemExit("--max-problems 0: use -1 for all, or a positive count")
+    if not (0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1):
+        raise SystemExit(f"--warmup-ratio {args.warmup_ratio} / --warmdown-ratio {args.warmdown_ratio}: each in [0, 1], sum <= 1")
+    if args.keep_last == 0:
+        raise SystemExit("--keep-last 0 would delete every checkpoint; use -1 to keep all")
+    args.eval_names = eval_task_names(args.eval_tasks, args.mixture)
+
+
+def eval_task_names(spec, mixture) -> list:
+    spec = EVAL_TASKS.get(mixture, EVAL_TASKS["default"]) if spec is None else spec
+    names = [] if spec.strip().lower() == "none" else [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        if n not in evals.CHAT_TASKS:
+            raise SystemExit(f"-a {n}: unknown task; known: {', '.join(evals.CHAT_TASKS)}")
+    return names
+
+
+def newest_tag(source: str):
+    root = train.checkpoint_root(source)
+    tags = [d for d in root.iterdir() if d.is_dir() and train.last_step(d) is not None] if root.is_dir() else []
+    return max(tags, key=lambda d: train._step_dirs(d)[-1].stat().st_mtime).name if tags else None
+
+
+def load_source(source, tag, step, device, flag="--init-from"):
+    """(model, tokenizer, meta, tag) of checkpoints/<source>/<tag>; a one-line error naming the flag."""
+    tag = tag or newest_tag(source)
+    if tag is None:
+        hint = "; run --stage mid first, or pass --init-from base" if source == "mid" and flag == "--init-from" else ""
+        raise SystemExit(f"{flag} {source}: no {source} checkpoints under {train.checkpoint_root(source)}{hint}")
+    try:
+        model, tokenizer, meta = train.load_model(source, tag, step, device)
+    except (FileNotFoundError, ValueError, tok.DataError) as e:
+        raise SystemExit(f"{flag} {source} --model-tag {tag}: {e}") from None
+    return model, tokenizer, meta, tag
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.measure is not None:
+            return measure_main(args)
+        check_args(args)
+        return finetune(args)
+    except (tok.DataError, evals.EvalError) as e:  # a download or data file that failed: one line
+        raise SystemExit(str(e)) from None
+    finally:
+        train.compute_cleanup()
+
+
+def finetune(args):
+    rank, _, ws, device = train.compute_init(args.device)
+    master, sft = rank == 0, args.stage == "sft"
+    model, tokenizer, src_meta, src_tag = load_source(args.init_from, args.model_tag, args.model_step, device)
+    model.train()
+    T = model.config.sequence_len if args.max_seq_len < 1 else args.max_seq_len
+    if T > model.config.sequence_len:  # longer rows than pretraining: rotary and windows were never trained there
+        raise SystemExit(f"--max-seq-len {T}: the model's context is {model.config.sequence_len}")
+    per_micro = args.device_batch_size * ws * (1 if sft else T)
+    args.total_batch_size = args.total_batch_size or per_micro  # 0: one micro-batch per rank (TOY_BATCH)
+    unit = "conversations" if sft else "tokens"
+    if args.total_batch_size % per_micro:
+        raise SystemExit(f"--total-batch-size {args.total_batch_size} ({unit}) is not a multiple of --device-batch-size x "
+                         f"{'' if sft else '--max-seq-len x '}world size = {per_micro}")
+    grad_accum = args.total_batch_size // per_micro
+    mixture = build_mixture(args.mixture, args.stage, args.seed)
+    if sft:
+        loader = RowLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device)
+        one_pass = len(mixture) // args.total_batch_size
+    else:
+        loader = PackedLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device, args.buffer_convs)
+        one_pass = estimate_tokens(mixture, tokenizer, T) // args.total_batch_size if args.num_iterations < 1 else 0
+    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, one_pass)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    use_bf16 = engine.use_bf16(device)
+    autocast_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    f = args.init_lr_frac
+    optimizer = train.setup_optimizer(model, args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
+                                      args.scalar_lr * f, args.weight_decay, rank, ws)
+    config = model.config
+    ckpt_dir = train.checkpoint_root(args.stage) / (args.tag or src_tag)
+    log_path = ckpt_dir / "log.jsonl"
+    train_meta = {"stage": args.stage, "mixture": args.mixture, "init_from": args.init_from, "source_tag": src_tag,
+                  "source_step": src_meta.get("step"), "total_batch_size": args.total_batch_size,
+                  "device_batch_size": args.device_batch_size, "max_seq_len": T, "num_iterations": num_iterations,
+                  "seed": args.seed}
+
+    # resume: refuse anything that would not continue the same run (as train.py)
+    start_step, smooth_loss, train_time, last_loss = 0, 0.0, 0.0, None
+    if args.resume:
+        if train.last_step(ckpt_dir) is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        model_state, optim_state, rank_state, meta = train.load_checkpoint(ckpt_dir, None, device, rank)
+        if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"] != asdict(config):
+            raise SystemExit(f"--resume: {ckpt_dir} was trained with another tokenizer or model config")
+        diff = {k: (meta["train"].get(k), v) for k, v in train_meta.items() if meta["train"].get(k) != v}
+        if diff or meta.get("world_size") != ws:
+            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): "
+                             f"{diff or {'world_size': (meta.get('world_size'), ws)}}")
+        if optim_state is None or rank_state is None:
+            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/loader state for rank {rank}")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        loader.load_state_dict(rank_state["loader"])
+        train.set_rng_state(rank_state["rng"], device)
+        start_step = meta["step"]
+        smooth_loss, train_time, last_loss = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["loss"]
+        del model_state, optim_state
+        train.print0(f"resumed {ckpt_dir} at step {start_step}")
+    elif train.last_step(ckpt_dir) is not None and not args.overwrite:
+        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {train.last_step(ckpt_dir)}); "
+                         f"pass --resume to continue, --overwrite to start over, or another --tag")
+    elif master and ckpt_dir.exists():  # a fresh run: no stale checkpoints or log lines
+        for d in train._step_dirs(ckpt_dir):
+            shutil.rmtree(d)
+        log_path.unlink(missing_ok=True)
+    train._barrier()
+    if master and args.resume and log_path.exists():  # drop log lines from beyond the resume point
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+        train._atomic_write(log_path, "".join(l + "\n" for l in keep))
+
+    raw_model = model
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+        model = torch.compile(model, dynamic=sft)  # sft rows vary in length
+
+    def log(entry):
+        if master:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def save(step):
+        meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
+                "train": train_meta, "args": {k: v for k, v in vars(args).items()},
+                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "loss": last_loss}}
+        rank_state = {"loader": loader.state_dict(), "rng": train.rng_state(device)}
+        path = train.save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta, rank, ws,
+                                     rank_state, args.keep_last)
+        train.print0(f"saved {path}")
+
+    train.print0(f"{args.stage} from {args.init_from}/{src_tag} on mixture {args.mixture} ({len(mixture):,} conversations) | "
+                 f"{num_iterations} steps x {args.total_batch_size:,} {unit} | rows of {T} | grad accum {grad_accum} | "
+                 f"{ws} rank(s) on {device} | {'bf16' if use_bf16 else 'fp32'}")
+    step, t_start = start_step, time.time()
+    while True:
+        stop = step == num_iterations or step == args.stop_at_step
+        if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+            save(step)
+        if stop:
+            break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.time()
+        lrm = train.lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        train.set_schedule(optimizer, lrm, train.muon_momentum(step))
+        batches = [loader.next_batch() for _ in range(grad_accum)]
+        n_tok = sum(int((y >= 0).sum()) for _, y in batches) * ws  # target tokens (approx. across ranks)
+        loss = float(train_step(model, optimizer, batches, ws, autocast_ctx))
+        dt = time.time() - t0
+        if not math.isfinite(loss):
+            raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
+        if step > start_step:  # the first step of a run includes compilation and warmup
+            train_time += dt
+        last_loss, beta = loss, 0.9
+        smooth_loss = beta * smooth_loss + (1 - beta) * loss
+        shown = smooth_loss / (1 - beta ** (step + 1))
+        eta = train_time / max(step - start_step, 1) * (num_iterations - step - 1)
+        train.print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | "
+                     f"lrm {lrm:.3f} | {dt * 1000:.0f}ms | {n_tok / dt:,.0f} target tok/s | epoch {loader.epoch:.2f} | "
+                     f"elapsed {train._fmt_time(time.time() - t_start)} | eta {train._fmt_time(eta)}")
+        log({"step": step, "loss": loss, "smooth_loss": shown, "lrm": lrm, "dt": dt, "target_tokens": n_tok,
+             "train_time": train_time})
+        step += 1
+
+    results = {}
+    if step == num_iterations:
+        if args.eval_names:
+            results = evals.evaluate_chat(raw_model, tokenizer, device, [evals.get_task(n) for n in args.eval_names],
+                                          args.max_problems, evals.engine_generate(raw_model, tokenizer, args.max_new_tokens))
+        if master:
+            evals.write_section(args.stage, {
+                "stage": args.stage, "tag": ckpt_dir.name, "mixture": args.mixture, "init_from": f"{args.init_from}/{src_tag}",
+                "num_iterations": num_iterations, "total_batch_size": args.total_batch_size, "batch_unit": unit,
+                "conversations": len(mixture), "train_time_s": train_time, "final_loss": last_loss,
+                "smooth_loss": smooth_loss / (1 - 0.9 ** step) if step else None, "world_size": ws, "device": str(device),
+                **results})
+    return {"step": step, "loss": last_loss, "ckpt_dir": ckpt_dir, "results": results}
+
+
+def estimate_tokens(mixture, tokenizer, T) -> int:
+    """Tokens in one pass over the mixture (each conversation cropped to a row), from the lengths of up to
+    ESTIMATE_SAMPLE conversations spread evenly through it: mid's default horizon."""
+    n = len(mixture)
+    picks = sorted({round(i * n / min(n, ESTIMATE_SAMPLE)) for i in range(min(n, ESTIMATE_SAMPLE))})
+    lens = []
+    for i in picks:
+        try:
+            lens.append(len(tokenizer.render_conversation(mixture[i]["messages"], max_tokens=T + 1)[0]))
+        except ValueError:
+            pass
+    return int(n * sum(lens) / max(len(lens), 1))
+
+
+# ----------------------------------------------------------------------------- the toy-world measurement
+
+@torch.no_grad()
+def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS) -> dict:
+    """What SFT should change, on the toy world, with the model prompted in the chat format (greedy):
+      ToyFacts   accuracy on held-out facts (test split: never in SFT data, known only from pretraining)
+      ToyMath    accuracy on test word problems
+      ends_turn  fraction of completions (both tasks) whose last token is <|assistant_end|>
+      python_calls  fraction of ToyMath completions that open a <|python_start|> call"""
+    eng = engine.Engine(model, tokenizer)
+    end, py = tokenizer.special("<|assistant_end|>"), tokenizer.special("<|python_start|>")
+    stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
+    out, ends = {}, []
+    for task in (evals.ToyFacts("test"), evals.ToyMath("test")):
+        view = task[:max_problems] if max_problems > 0 else task
+        correct = calls = 0
+        for item in view:
+            prompt = tokenizer.render_for_completion(item["messages"])
+            seqs, _ = eng.generate_batch(prompt, 1, max_tokens=max_tokens, temperature=0.0)
+            gen = seqs[0][len(prompt):]
+            ends.append(bool(gen) and gen[-1] == end)
+            calls += py in gen
+            correct += task.evaluate(item, tokenizer.decode([t for t in gen if t not in stop]))
+        out[task.name] = correct / max(len(view), 1)
+        if task.name == "ToyMath":
+            out["python_calls"] = calls / max(len(view), 1)
+    out["ends_turn"] = sum(ends) / max(len(ends), 1)
+    return out
+
+
+def measure_main(args):
+    sources = [s.strip().partition(":") for s in args.measure.split(",") if s.strip()]  # source[:tag]
+    for s, _, _ in sources:
+        if s not in ("base", "mid", "sft", "rl"):
+            raise SystemExit(f"--measure {s}: unknown source; use base, mid, sft or rl (optionally source:tag)")
+    if args.max_problems == 0:
+        raise SystemExit("--max-problems 0: use -1 for all, or a positive count")
+    _, _, _, device = train.compute_init(args.device)
+    table = {}
+    for s, _, tag in sources:
+        model, tokenizer, meta, tag = load_source(s, tag or args.model_tag, args.model_step if len(sources) == 1 else None,
+                                                  device, "--measure")
+        table[f"{s}/{tag}"] = measure_toy(model, tokenizer, args.max_problems)
+    keys = ["ToyFacts", "ends_turn", "python_calls", "ToyMath"]
+    print(f"{'checkpoint':<20}" + "".join(f"{k:>14}" for k in keys))
+    for name, row in table.items():
+        print(f"{name:<20}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+    evals.write_section("toy_chat", table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
