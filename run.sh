@@ -43,14 +43,15 @@ cpu)
   stage "pretraining"
   done_stage base || $PY train.py --data $DATA --tag $TAG --depth 2 --aspect-ratio 64 --head-dim 64 \
       --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600 \
-      --eval-every 100 --eval-tokens 32768 --sample-every 0 --core-metric-every -1 --save-every 200 \
+      --eval-every 100 --eval-tokens 32768 --sample-every 0 --core-metric-every 0 --save-every 200 \
       --warmup-ratio 0.02 $(resume_flag base $TAG)
   stage "midtraining"
   done_stage mid || $PY chat_sft.py --stage mid --mixture toy --model-tag $TAG --tag $TAG $(resume_flag mid $TAG)
   stage "supervised finetuning"
   done_stage sft || $PY chat_sft.py --stage sft --mixture toy --model-tag $TAG --tag $TAG $(resume_flag sft $TAG)
   stage "reinforcement learning on toy arithmetic"
-  done_stage rl || $PY chat_rl.py --task toy --model-tag $TAG --tag $TAG $(resume_flag rl $TAG)
+  done_stage rl || $PY chat_rl.py --task toy --init-from sft --init-tag $TAG --tag $TAG --num-steps 60 \
+      --prompts-per-step 8 --samples-per-prompt 8 --eval-examples 200 --eval-samples 4 --eval-every 20 $(resume_flag rl $TAG)
   ;;
 d12|speedrun)
   # ClimbMix: about 250M characters a shard. d12 trains ~10.5 tokens per parameter on ~1.4B

@@ -1,0 +1,343 @@
+"""
+chat_rl.py: reinforcement learning on tasks whose answers can be checked (GRPO-style, on-policy).
+
+  python chat_rl.py --task toy --num-steps 60 --prompts-per-step 8 --samples-per-prompt 8   # CPU, minutes
+  torchrun --standalone --nproc_per_node=8 chat_rl.py --task gsm8k                          # GSM8K, 8 GPUs
+
+Each step takes --prompts-per-step training questions (split over the ranks), samples
+--samples-per-prompt completions of each through engine.Engine with the python tool on, grades each
+completion with the task (1 right, 0 wrong), and pushes up the log-probability of the tokens of
+completions that did better than their group, down for those that did worse:
+
+    advantage_i = reward_i - mean(rewards of its group)          (not divided by the std: advantages())
+    loss = -sum over sampled tokens t of advantage(t) * log p(t) / (sampled tokens in the whole step)
+
+Prompt tokens and the tool outputs the engine forces into the stream carry no loss (the engine's
+masks). This is REINFORCE with a per-group baseline, as nanochat's chat_rl.py: no KL penalty and no
+ratio clipping, because each batch is used for exactly one update right after it was sampled, so the
+importance ratio would always be 1. Held-out pass@1 / pass@k every --eval-every steps; checkpoints
+in $SPEEDCHAT_HOME/checkpoints/rl/<tag> (--resume continues one exactly), a log.jsonl beside them,
+and the "rl" section of the report card.
+"""
+import argparse, json, random, shutil, time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+import tok, train, engine, evals
+from train import print0
+
+# --task -> (task of a split, default --max-new-tokens, default --eval-examples)
+TASKS = {
+    "gsm8k": (lambda split: evals.GSM8K("main", split), 256, 400),
+    "toy": (lambda split: evals.ToyMath(split), 64, 200),  # offline arithmetic word problems with the calculator
+}
+MUON_MOMENTUM = 0.95  # pretraining's final value: finetuning continues where it left off
+
+
+# ----------------------------------------------------------------------------- the math
+
+def advantages(rewards) -> torch.Tensor:
+    """Reward minus the group's mean reward. Not divided by the group's std (GRPO does, nanochat and
+    Dr. GRPO (Liu et al. 2025) do not): with 0/1 rewards the std is small exactly when the model is
+    nearly always right or nearly always wrong, so dividing would push 1-right-in-16 questions ~4x
+    harder than half-right ones, weighting questions by the model's certainty and amplifying noise.
+    A group with equal rewards gets advantage 0 either way: nothing to learn from it."""
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    return r - r.mean()
+
+
+def sampled_logprobs(model, seqs, masks, device) -> torch.Tensor:
+    """(rows,) the sum of log p(token) over the *sampled* tokens of each row (mask 1). Prompt tokens,
+    tool outputs forced by the engine (mask 0) and padding get target -1, which the model's
+    cross-entropy ignores (contributes exactly 0, and no gradient)."""
+    T = max(len(s) for s in seqs) - 1
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        s, m = torch.tensor(s), torch.tensor(m, dtype=torch.bool)
+        x[i, :len(s) - 1] = s[:-1]
+        y[i, :len(s) - 1] = torch.where(m[1:], s[1:], -1)  # mask[t] says whether token t was sampled
+    with engine.autocast_for(device):
+        nll = model(x.to(device), y.to(device), loss_reduction="none")  # (rows, T), 0 where ignored
+    return -nll.float().sum(dim=1)
+
+
+def pg_backward(model, seqs, masks, adv, num_tokens, device, batch_rows=8, scale=1.0) -> float:
+    """Accumulate the gradient of -sum(adv_i * logp_i) / num_tokens, batch_rows rows per forward.
+    Rows with advantage 0 add nothing to it, so they are skipped (no forward at all). scale: the world
+    size, since the optimizer averages gradients over ranks and we want the sum. Returns the loss."""
+    keep = [i for i in range(len(seqs)) if adv[i] != 0]
+    total = 0.0
+    for b in range(0, len(keep), batch_rows):
+        rows = keep[b:b + batch_rows]
+        logp = sampled_logprobs(model, [seqs[i] for i in rows], [masks[i] for i in rows], device)
+        loss = -(logp * adv[rows].to(device)).sum() / num_tokens
+        (loss * scale).backward()
+        total += loss.item()
+    return total
+
+
+# ----------------------------------------------------------------------------- sampling and grading
+
+def completion_text(tokenizer, ids) -> str:
+    """What the grader reads: everything generated but the stop tokens (as evals.engine_generate)."""
+    stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
+    return tokenizer.decode([t for t in ids if t not in stop])
+
+
+def rollout(eng, task, item, num_samples, max_new_tokens, temperature, top_k, seed):
+    """num_samples completions of one item: (seqs, masks, rewards); None if the prompt does not fit."""
+    tokenizer = eng.tokenizer
+    prompt = tokenizer.render_for_completion(item["messages"])
+    try:
+        seqs, masks = eng.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
+                                         top_k=top_k, seed=seed)
+    except ValueError as e:  # longer than the context: skip it rather than crash a long run
+        print0(f"skipped a prompt: {e}")
+        return None
+    rewards = [float(task.reward(item, completion_text(tokenizer, s[len(prompt):]))) for s in seqs]
+    return seqs, masks, rewards
+
+
+@torch.no_grad()
+def evaluate_pass(eng, task, num_samples, max_new_tokens, temperature, top_k, device, seed=0):
+    """(pass@1, pass@k) on a held-out task view, k = num_samples samples per item. pass@1 is the mean
+    reward (the unbiased estimate from k samples), pass@k the fraction of items with one right.
+    Ranks take every world-th item; the sums are all-reduced."""
+    rank, ws = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # pass@1 sum, pass@k sum, items
+    for i in range(rank, len(task), ws):
+        out = rollout(eng, task, task[i], num_samples, max_new_tokens, temperature, top_k, seed + i)
+        rewards = out[2] if out else [0.0]  # a prompt that does not fit is a miss
+        sums += torch.tensor([sum(rewards) / len(rewards), max(rewards), 1.0], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[2].clamp(min=1)), float(sums[1] / sums[2].clamp(min=1))
+
+
+def prompt_index(step: int, j: int, per_step: int, n: int, seed: int) -> int:
+    """Training item of prompt j of a step: a fresh seeded shuffle each epoch. A pure function of the
+    step, so a resumed run sees exactly the prompts the uninterrupted one would have."""
+    g = step * per_step + j
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + g // n).shuffle(order)
+    return order[g % n]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="RL on verifiable tasks (chat_rl.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--task", default="gsm8k", choices=list(TASKS), help="gsm8k: GSM8K train/test; toy: offline ToyMath train/test")
+    a("--init-from", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage to start from")
+    a("--init-tag", default=None, help="its tag (default: the newest)")
+    a("--init-step", type=int, default=None, help="its step (default: the last)")
+    a("--tag", default=None, help="output folder checkpoints/rl/<tag> (default: --init-tag, else d<depth>)")
+    # the loop
+    a("--num-steps", type=int, default=-1, help="optimizer steps; -1 = one pass over the training items")
+    a("--prompts-per-step", type=int, default=16, help="training questions per step, all ranks together")
+    a("--samples-per-prompt", type=int, default=16, help="completions per question: the group of the baseline")
+    a("--max-new-tokens", type=int, default=-1, help="per completion; -1 = the task's default (gsm8k 256, toy 64)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature, training and eval (1 = the policy itself)")
+    a("--top-k", type=int, default=50)
+    a("--device-batch-size", type=int, default=8, help="rows per forward/backward")
+    # optimization: train.py's rates times --init-lr-frac, then linear decay to 0
+    a("--init-lr-frac", type=float, default=0.05)
+    a("--embedding-lr", type=float, default=0.2)
+    a("--unembedding-lr", type=float, default=0.004)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.02)
+    a("--weight-decay", type=float, default=0.0)
+    # evaluation, checkpoints
+    a("--eval-every", type=int, default=60, help="held-out pass@1/pass@k every N steps (-1 = before and after only)")
+    a("--eval-examples", type=int, default=-1, help="held-out items; -1 = the task's default (gsm8k 400, toy 200)")
+    a("--eval-samples", type=int, default=8, help="k of pass@k: samples per held-out item")
+    a("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
+    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
+    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
+    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
+    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (time-sliced jobs; resume later)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    a("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    for flag in ("prompts_per_step", "device_batch_size", "eval_samples", "top_k"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    if args.samples_per_prompt < 2:
+        p.error(f"--samples-per-prompt {args.samples_per_prompt}: must be >= 2 (a group of one has advantage 0)")
+    if args.temperature <= 0:
+        p.error(f"--temperature {args.temperature}: must be > 0 (greedy samples are all the same: advantage 0)")
+    if args.num_steps == 0 or args.num_steps < -1:
+        p.error(f"--num-steps {args.num_steps}: must be >= 1 (or -1 for one pass)")
+    if args.keep_last == 0:
+        p.error("--keep-last 0 would delete every checkpoint; use -1 to keep all")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    finally:
+        train.compute_cleanup()
+
+
+def run(args):
+    rank, _, ws, device = train.compute_init(args.device)
+    master = rank == 0
+    make_task, default_new_tokens, default_eval = TASKS[args.task]
+    try:  # the data first: an offline GSM8K fails here, not after loading a model
+        train_task, test_task = make_task("train"), make_task("test")
+    except (evals.EvalError, tok.DataError, OSError) as e:
+        raise SystemExit(f"--task {args.task}: {e}") from None
+    test_task = test_task[:args.eval_examples if args.eval_examples > 0 else default_eval]
+    max_new = args.max_new_tokens if args.max_new_tokens > 0 else default_new_tokens
+    num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train_task) // args.prompts_per_step)
+    try:
+        model, tokenizer, init_meta = train.load_model(args.init_from, args.init_tag, args.init_step, device)
+    except (FileNotFoundError, ValueError, tok.DataError) as e:
+        raise SystemExit(f"--init-from {args.init_from}: {e}") from None
+    config = model.config
+    model.train()
+    f = args.init_lr_frac
+    optimizer = train.setup_optimizer(model, args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
+                                      args.scalar_lr * f, args.weight_decay, rank, ws)
+    eng = engine.Engine(model, tokenizer)
+    ckpt_dir = train.checkpoint_root("rl") / (args.tag or args.init_tag or f"d{config.n_layer}")
+    log_path = ckpt_dir / "log.jsonl"
+    # settings a resumed run must share with the checkpoint (else it would not continue the same run)
+    rl_meta = {"task": args.task, "num_steps": num_steps, "prompts_per_step": args.prompts_per_step,
+               "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": max_new, "seed": args.seed}
+
+    start_step, rewards, wall_time, before, after = 0, [], 0.0, None, None
+    if args.resume:
+        if train.last_step(ckpt_dir) is None:
+            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+        model_state, optim_state, rank_state, meta = train.load_checkpoint(ckpt_dir, None, device, rank)
+        if meta["model_config"] != asdict(config) or meta.get("tokenizer_hash") != tokenizer.hash:
+            raise SystemExit(f"--resume: {ckpt_dir} holds another model or tokenizer than --init-from {args.init_from}")
+        if meta.get("world_size") != ws:
+            raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
+        diff = {k: (meta["rl"].get(k), v) for k, v in rl_meta.items() if meta["rl"].get(k) != v}
+        if diff:
+            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
+        if optim_state is None:
+            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer state for rank {rank}")
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        if rank_state is not None:
+            train.set_rng_state(rank_state["rng"], device)
+        start_step, loop = meta["step"], meta["loop"]
+        rewards, wall_time, before, after = loop["rewards"], loop["wall_time"], loop["before"], loop["after"]
+        del model_state, optim_state
+        print0(f"resumed {ckpt_dir} at step {start_step}")
+    elif train.last_step(ckpt_dir) is not None and not args.overwrite:
+        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {train.last_step(ckpt_dir)}); "
+                         f"pass --resume to continue, --overwrite to start over, or another --tag")
+    elif master and ckpt_dir.exists():  # a fresh run: no stale checkpoints or log lines
+        for d in train._step_dirs(ckpt_dir):
+            shutil.rmtree(d)
+        log_path.unlink(missing_ok=True)
+    train._barrier()
+    if master and args.resume and log_path.exists():  # drop log lines from beyond the resume point
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+        train._atomic_write(log_path, "".join(l + "\n" for l in keep))
+
+    def log(entry):
+        if master:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def save(step):
+        meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
+                "rl": rl_meta, "args": vars(args), "init": {"source": args.init_from, "tag": args.init_tag, "step": init_meta.get("step")},
+                "loop": {"rewards": rewards, "wall_time": wall_time + time.time() - t_start, "before": before, "after": after}}
+        path = train.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank, ws,
+                                     {"rng": train.rng_state(device)}, args.keep_last)
+        print0(f"saved {path}")
+
+    k = args.eval_samples
+    print0(f"RL on {args.task}: {len(train_task)} training items, {len(test_task)} held-out | {num_steps} steps x "
+           f"{args.prompts_per_step} prompts x {args.samples_per_prompt} samples | {ws} rank(s) on {device} | "
+           f"from {args.init_from} ({sum(p.numel() for p in model.parameters()):,} params)")
+    t_start, step, step_time = time.time(), start_step, 0.0
+    while True:
+        last = step == num_steps
+        stop = last or step == args.stop_at_step
+        if (args.eval_every > 0 and step % args.eval_every == 0) or last or (step == 0 and before is None):
+            t0 = time.time()
+            model.eval()
+            p1, pk = evaluate_pass(eng, test_task, k, max_new, args.temperature, args.top_k, device, seed=args.seed + 10**9)
+            model.train()
+            after = {"pass@1": p1, f"pass@{k}": pk}
+            before = before or after
+            print0(f"step {step:05d} | pass@1 {p1:.4f} | pass@{k} {pk:.4f} | ({time.time() - t0:.1f}s)")
+            log({"step": step, "pass@1": p1, f"pass@{k}": pk})
+        if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
+            save(step)
+        if stop:
+            break
+
+        # 1) sample: my share of the step's prompts, k completions each, graded
+        t0 = time.time()
+        model.eval()
+        groups = []
+        for j in range(rank, args.prompts_per_step, ws):
+            i = prompt_index(step, j, args.prompts_per_step, len(train_task), args.seed)
+            out = rollout(eng, train_task, train_task[i], args.samples_per_prompt, max_new, args.temperature, args.top_k,
+                          seed=args.seed * 1_000_003 + step * args.prompts_per_step + j)
+            if out is not None:
+                groups.append(out)
+        model.train()
+        t_sample = time.time() - t0
+        # the normalizer: sampled tokens of the whole step, all ranks, so every token weighs the same
+        stats = torch.tensor([sum(sum(m) for g in groups for m in g[1]), sum(sum(g[2]) for g in groups),
+                              sum(len(g[2]) for g in groups), sum(min(g[2]) == max(g[2]) for g in groups)],
+                             dtype=torch.float64, device=device)
+        if ws > 1:
+            dist.all_reduce(stats)
+        num_tokens, reward_sum, n_samples, n_flat = stats.tolist()  # n_flat: groups with equal rewards (no signal)
+        # 2) learn: one policy-gradient step
+        lrm = train.lr_multiplier(step, num_steps, 0.0, 1.0, 0.0)  # linear decay to 0
+        train.set_schedule(optimizer, lrm, MUON_MOMENTUM)
+        loss = torch.zeros((), dtype=torch.float64, device=device)
+        for seqs, masks, r in groups:
+            loss += pg_backward(model, seqs, masks, advantages(r), max(num_tokens, 1.0), device, args.device_batch_size, ws)
+        optimizer.step()  # averages the gradients over ranks (reduce-scatter inside)
+        model.zero_grad(set_to_none=True)
+        if ws > 1:
+            dist.all_reduce(loss)
+        loss = loss.item()
+        dt = time.time() - t0
+        step_time += dt
+        reward = reward_sum / max(n_samples, 1)
+        rewards.append(reward)
+        eta = step_time / (step + 1 - start_step) * (num_steps - step - 1)
+        print0(f"step {step + 1:05d}/{num_steps:05d} | reward {reward:.4f} | groups without signal {n_flat:.0f} | "
+               f"tokens {num_tokens:,.0f} | lrm {lrm:.2f} | {dt * 1000:.0f}ms ({t_sample * 1000:.0f}ms sampling) | "
+               f"elapsed {train._fmt_time(time.time() - t_start)} | eta {train._fmt_time(eta)}")
+        log({"step": step, "reward": reward, "pg_loss": loss, "sampled_tokens": num_tokens, "lrm": lrm, "dt": dt})
+        step += 1
+
+    wall_time += time.time() - t_start  # this invocation's share: a resumed run adds up its parts
+    if last:
+        print0(f"pass@1 {before['pass@1']:.4f} -> {after['pass@1']:.4f} | pass@{k} {before[f'pass@{k}']:.4f} -> "
+               f"{after[f'pass@{k}']:.4f} | {num_steps} steps | elapsed {train._fmt_time(wall_time)} ({wall_time:.0f}s)")
+        if master:
+            evals.write_section("rl", {
+                "task": args.task, "init_from": args.init_from, "tag": ckpt_dir.name, "num_steps": num_steps,
+                "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples_per_prompt,
+                "held_out_items": len(test_task), "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+                f"pass@{k}_before": before[f"pass@{k}"], f"pass@{k}_after": after[f"pass@{k}"],
+                "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
+                "reward_curve": evals.sparkline(rewards), "reward_per_step": rewards, "wall_time_s": round(wall_time, 1),
+                "world_size": ws, "device": str(device)})
+    return {"step": step, "before": before, "after": after, "rewards": rewards, "ckpt_dir": ckpt_dir}
+
+
+if __name__ == "__main__":
+    main()
