@@ -234,17 +234,7 @@ def run(args):
         rewards, wall_time, before, after = loop["rewards"], loop["wall_time"], loop["before"], loop["after"]
         del model_state, optim_state
         print0(f"resumed {ckpt_dir} at step {start_step}")
-    elif train.last_step(ckpt_dir) is not None and not args.overwrite:
-        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {train.last_step(ckpt_dir)}); "
-                         f"pass --resume to continue, --overwrite to start over, or another --tag")
-    elif master and ckpt_dir.exists():  # a fresh run: no stale checkpoints or log lines
-        for d in train._step_dirs(ckpt_dir):
-            shutil.rmtree(d)
-        log_path.unlink(missing_ok=True)
-    train._barrier()
-    if master and args.resume and log_path.exists():  # drop log lines from beyond the resume point
-        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
-        train._atomic_write(log_path, "".join(l + "\n" for l in keep))
+    train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
     def log(entry):
         if master:

@@ -711,6 +711,22 @@ def check_tokenizer(meta, tokenizer, where):
                          f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
 
 
+def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: bool, start_step: int, master: bool):
+    """After a resume was loaded (or not): refuse to clobber another run's checkpoints, clear a fresh
+    run's stale checkpoints and log, and drop log lines from beyond a resume point."""
+    if not resume and last_step(ckpt_dir) is not None and not overwrite:
+        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {last_step(ckpt_dir)}); "
+                         f"pass --resume to continue, --overwrite to start over, or another --tag")
+    if not resume and master and ckpt_dir.exists():
+        for d in _step_dirs(ckpt_dir):
+            shutil.rmtree(d)
+        log_path.unlink(missing_ok=True)
+    _barrier()
+    if master and resume and log_path.exists():
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+        _atomic_write(log_path, "".join(l + "\n" for l in keep))
+
+
 def _atomic_write(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -932,17 +948,7 @@ def pretrain(args):
         val_bpb, min_val_bpb = meta["loop"]["val_bpb"], meta["loop"]["min_val_bpb"]
         del model_state, optim_state
         print0(f"resumed {ckpt_dir} at step {start_step}")
-    elif last_step(ckpt_dir) is not None and not args.overwrite:
-        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {last_step(ckpt_dir)}); "
-                         f"pass --resume to continue, --overwrite to start over, or another --tag")
-    elif master and ckpt_dir.exists():  # a fresh run: no stale checkpoints or log lines from an older one
-        for d in _step_dirs(ckpt_dir):
-            shutil.rmtree(d)
-        log_path.unlink(missing_ok=True)
-    _barrier()
-    if master and args.resume and log_path.exists():  # drop log lines from beyond the resume point
-        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
-        _atomic_write(log_path, "".join(l + "\n" for l in keep))
+    prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
     raw_model = model
     if compiled:
