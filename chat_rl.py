@@ -322,6 +322,7 @@ def run(args):
                 "task": args.task, "init_from": args.init_from, "tag": ckpt_dir.name, "num_steps": num_steps,
                 "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples_per_prompt,
                 "held_out_items": len(test_task), "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+                test_task.name: after["pass@1"],  # the summary table's row for this task (sampled pass@1)
                 f"pass@{k}_before": before[f"pass@{k}"], f"pass@{k}_after": after[f"pass@{k}"],
                 "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
                 "reward_curve": evals.sparkline(rewards), "reward_per_step": rewards, "wall_time_s": round(wall_time, 1),
