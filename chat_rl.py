@@ -238,9 +238,7 @@ def run(args):
 
     def log(entry):
         if master:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+            train.append_jsonl(log_path, entry)
 
     def save(step):
         meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,

@@ -727,6 +727,13 @@ def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: boo
         _atomic_write(log_path, "".join(l + "\n" for l in keep))
 
 
+def append_jsonl(path: Path, entry: dict):
+    """One line of a run's log.jsonl (the report card reads these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
 def _atomic_write(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -963,9 +970,7 @@ def pretrain(args):
 
     def log(entry):
         if master:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            append_jsonl(log_path, entry)
             if wandb_run is not None:
                 wandb_run.log(entry, step=entry["step"])
 
