@@ -235,7 +235,7 @@ class GPT(nn.Module):
         self._flex_T = T
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
-        """idx (B, T) -> logits (B, T, vocab_size) fp32, or the loss against targets (B, T) (-1 = ignore).
+        """idx (B, T) -> logits (B, T, vocab_size) fp32 (fp64 for an fp64 model), or the loss against targets (B, T) (-1 = ignore).
         last_only: logits of the last position only (B, 1, vocab_size), all a prefill needs."""
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
@@ -253,7 +253,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x[:, -1:] if last_only else x)
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab_size)
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab_size)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 (tests) stays
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
