@@ -169,12 +169,12 @@ MIXTURES = {
         ("Identity", lambda: Identity(), 2, 1),                                       # who speedchat is
         ("SpellingBee", lambda: evals.SpellingBee(size=200_000, split="train"), 1, 0.003),  # 200K; sft: 600
         ("ToyFacts", lambda: evals.ToyFacts("train"), 1, 1),                          # the offline toy world
-        ("ToyMath", lambda: evals.ToyMath("train"), 1, 0.25),
+        ("ToyMath", lambda: evals.ToyMath("train", sft_only=True), 1, 0.25),
         ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
     ],
     "toy": [  # offline: the toy world alone (facts are few, so they are repeated)
         ("ToyFacts", lambda: evals.ToyFacts("train"), 4, 2),
-        ("ToyMath", lambda: evals.ToyMath("train"), 1, 0.5),
+        ("ToyMath", lambda: evals.ToyMath("train", sft_only=True), 1, 0.5),  # RL gets the rest
         ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
         ("Identity", lambda: Identity(), 1, 0.5),
     ],
@@ -618,6 +618,7 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
     """What SFT should change, on the toy world, with the model prompted in the chat format (greedy):
       ToyFacts   accuracy on held-out facts (test split: never in SFT data, known only from pretraining)
       ToyMath    accuracy on test word problems
+      ToyMath_rl_only  the same on the problem families SFT never shows (tok._MATH_RL: RL's to elicit)
       ends_turn  fraction of completions (both tasks) whose last token is <|assistant_end|>
       python_calls  fraction of ToyMath completions that open a <|python_start|> call"""
     eng = engine.Engine(model, tokenizer)
@@ -627,16 +628,21 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
     for task in (evals.ToyFacts("test"), evals.ToyMath("test")):
         view = task[:max_problems] if max_problems > 0 else task
         correct = calls = 0
+        rl_only = []  # right or not, on ToyMath problems of the _MATH_RL families
         for item in view:
             prompt = tokenizer.render_for_completion(item["messages"])
             seqs, _ = eng.generate_batch(prompt, 1, max_tokens=max_tokens, temperature=0.0)
             gen = seqs[0][len(prompt):]
             ends.append(bool(gen) and gen[-1] == end)
             calls += py in gen
-            correct += task.evaluate(item, tokenizer.decode([t for t in gen if t not in stop]))
+            right = task.evaluate(item, tokenizer.decode([t for t in gen if t not in stop]))
+            correct += right
+            if not item.get("sft_family", True):
+                rl_only.append(right)
         out[task.name] = correct / max(len(view), 1)
         if task.name == "ToyMath":
             out["python_calls"] = calls / max(len(view), 1)
+            out["ToyMath_rl_only"] = sum(rl_only) / max(len(rl_only), 1)
     out["ends_turn"] = sum(ends) / max(len(ends), 1)
     return out
 
@@ -654,10 +660,10 @@ def measure_main(args):
         model, tokenizer, meta, tag = load_source(s, tag or args.model_tag, args.model_step if len(sources) == 1 else None,
                                                   device, "--measure")
         table[f"{s}/{tag}"] = measure_toy(model, tokenizer, args.max_problems)
-    keys = ["ToyFacts", "ends_turn", "python_calls", "ToyMath"]
-    print(f"{'checkpoint':<20}" + "".join(f"{k:>14}" for k in keys))
+    keys = ["ToyFacts", "ends_turn", "python_calls", "ToyMath", "ToyMath_rl_only"]
+    print(f"{'checkpoint':<20}" + "".join(f"{k:>20}" for k in keys))
     for name, row in table.items():
-        print(f"{name:<20}" + "".join(f"{row[k]:>14.3f}" for k in keys))
+        print(f"{name:<20}" + "".join(f"{row[k]:>20.3f}" for k in keys))
     evals.write_section("toy_chat", table)
     return table
 

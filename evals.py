@@ -813,12 +813,14 @@ class ToyFacts(Task):
 
 
 class ToyMath(Task):
-    """Arithmetic word problems whose worked answers call the python tool; graded on the final number."""
+    """Arithmetic word problems whose worked answers call the python tool; graded on the final number.
+    All problem families by default (what RL trains on and the test measures); sft_only=True: the
+    families SFT conversations show (the others are RL's to elicit, see tok._MATH_RL)."""
     name = "ToyMath"
 
-    def __init__(self, split="test", size=None, seed=0, **kw):
+    def __init__(self, split="test", size=None, seed=0, sft_only=False, **kw):
         super().__init__(**kw)
-        self.items = tok.ToyWorld(seed).math_items(split, size or (200 if split == "test" else 2000))
+        self.items = tok.ToyWorld(seed).math_items(split, size or (200 if split == "test" else 2000), sft_only)
 
     def num_examples(self):
         return len(self.items)

@@ -244,7 +244,7 @@ def iter_documents(data: str, split: str = "train", max_chars: int | None = None
 # state these facts in varied phrasings and orders among filler prose, next to worked arithmetic
 # problems and spellings. Everything comes from random.Random seeded with strings (sha512-based, the
 # same on every machine and Python version): same seed, same world, same documents.
-TOY_VERSION = 1
+TOY_VERSION = 2
 TOY_UNITS, TOY_UNIT_DOCS = 64, 256  # one epoch of toy text: 64 units of 256 documents
 _SYL = ["ka", "lo", "mi", "ra", "ten", "vo", "sha", "bel", "dor", "fi", "gan", "hu", "ir", "jo", "kel", "lun", "mar", "nor",
         "pe", "quo", "ros", "sil", "tu", "var", "wen", "yar", "zel", "an", "bri", "cor"]
@@ -277,13 +277,26 @@ _FILLER = ["The morning was quiet.", "Rain fell for most of the week.", "Nobody 
            "It was a long winter that year.", "The market opens early on most days.", "Children played by the water.",
            "A cold wind came down from the hills.", "Letters arrived once a month.", "The bells rang at noon.",
            "Some say the stories are older than the towns.", "The harvest was good.", "Lamps were lit at dusk."]
-_MATH = [  # (question, the python the solver writes, a sentence with the answer); numbers a > b
+# Arithmetic word problems: (question, the python a solver writes, a sentence with the answer {r}).
+# The documents work out problems of every family. SFT conversations show only _MATH_SFT; the
+# _MATH_RL families (variations: another operation, one step more) reach the chat model only through
+# RL, as questions with a checkable answer: RL has to elicit in chat what pretraining saw as text.
+_MATH_SFT = [
     ("{p} has {a} baskets with {b} apples in each. How many apples does {p} have?", "{a}*{b}", "{p} has {r} apples."),
     ("{p} had {a} coins and spent {b} of them. How many coins are left?", "{a}-{b}", "{p} has {r} coins left."),
     ("{p} picked {a} plums in the morning and {b} in the afternoon. How many plums did {p} pick?", "{a}+{b}", "{p} picked {r} plums."),
     ("{p} shares {ab} nuts equally among {b} friends. How many nuts does each friend get?", "{ab}//{b}", "Each friend gets {r} nuts."),
     ("A {job} makes {a} cups a day for {b} days, then breaks {c} of them. How many cups are left?", "{a}*{b}-{c}", "There are {r} cups left."),
+    ("{p} has {a} {x} and {d} {y}, then gives away {c} {y}. How many {y} does {p} have now?", "{d}-{c}", "{p} has {r} {y}."),
+    ("{p} has {d} coins, earns {b} coins a day for {c} days, then spends {a}. How many coins does {p} have?", "{d}+{b}*{c}-{a}", "{p} has {r} coins."),
 ]
+_MATH_RL = [
+    ("{p} has {d} {y} and {a} {x}, then finds {c} more {y}. How many {y} does {p} have now?", "{d}+{c}", "{p} has {r} {y}."),
+    ("{p} buys {a} boxes of {b} {y} and {c} loose {y}. How many {y} does {p} have?", "{a}*{b}+{c}", "{p} has {r} {y}."),
+    ("A book has {ab} pages. {p} reads {a} pages a day for {c} days. How many pages are left?", "{ab}-{a}*{c}", "There are {r} pages left."),
+    ("{p} packs {ab} {y} into bags of {b} and gives {c} bags away. How many bags does {p} keep?", "{ab}//{b}-{c}", "{p} keeps {r} bags."),
+]
+_THINGS = ["shells", "stamps", "marbles", "pens", "cards", "beads", "buttons", "eggs"]
 
 
 class ToyWorld:
@@ -347,28 +360,33 @@ class ToyWorld:
         return {"messages": [{"role": "user", "content": question.format(s=s)},
                              {"role": "assistant", "content": answer.format(s=s, o=o)}], "answer": o, "relation": r, "subject": s}
 
-    def math_item(self, i: int) -> dict:
+    def math_item(self, i: int, sft_only: bool = False) -> dict:
         rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:math:{i}")
-        q, expr, sent = rng.choice(_MATH)
-        b = rng.randint(2, 12)
-        a = rng.randint(b + 1, 99)
-        c = rng.randint(1, 5)  # below a * b >= 6: no negative answers
-        v = dict(p=rng.choice(self.people).split()[0], a=a, b=b, c=c, ab=a * b, job=rng.choice(_JOBS))
+        templates = _MATH_SFT + ([] if sft_only else _MATH_RL)
+        k = rng.randrange(len(templates))
+        q, expr, sent = templates[k]
+        r = 0
+        while r <= 0:  # redraw the numbers until the answer is positive
+            b = rng.randint(2, 12)
+            a = rng.randint(b + 1, 99)
+            x, y = rng.sample(_THINGS, 2)
+            v = dict(p=rng.choice(self.people).split()[0], a=a, b=b, c=rng.randint(2, 9), d=rng.randint(10, 99), ab=a * b,
+                     job=rng.choice(_JOBS), x=x, y=y)
+            r = int(eval(expr.format(**v), {"__builtins__": {}}))  # our own template arithmetic, never user input
         expr = expr.format(**v)
-        r = int(eval(expr, {"__builtins__": {}}))  # our own template arithmetic, never user input
         v["r"] = r
         question, sentence = q.format(**v), sent.format(**v)
         parts = [{"type": "text", "text": "Let me compute it. "}, {"type": "python", "text": expr},
                  {"type": "python_output", "text": str(r)}, {"type": "text", "text": f" {sentence}\n#### {r}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
-                "question": question, "expr": expr, "answer": r, "sentence": sentence}
+                "question": question, "expr": expr, "answer": r, "sentence": sentence, "sft_family": k < len(_MATH_SFT)}
 
-    def math_items(self, split: str, n: int) -> list:
+    def math_items(self, split: str, n: int, sft_only: bool = False) -> list:
         """n word problems of a split; a problem is test iff the hash of its text is 0 mod 10, so the
-        two splits never share a question."""
+        two splits never share a question. sft_only: only the _MATH_SFT families."""
         out, i = [], 0
         while len(out) < n:
-            item = self.math_item(i)
+            item = self.math_item(i, sft_only)
             i += 1
             if (hashlib.sha1(item["question"].encode()).digest()[0] % 10 == 0) == (split == "test"):
                 out.append(item)

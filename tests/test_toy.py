@@ -29,17 +29,26 @@ def test_splits_disjoint():
 
 
 def test_math_answers_recomputed():
-    ops = {"*": lambda a, b: a * b, "-": lambda a, b: a - b, "+": lambda a, b: a + b, "//": lambda a, b: a // b}
+    def value(expr):  # precedence by hand, not eval: * and // first, then + and -, left to right
+        terms = []
+        for sign, term in re.findall(r"([+-]?)([^+-]+)", expr):
+            nums, ops = re.findall(r"\d+", term), re.findall(r"//|\*", term)
+            v = int(nums[0])
+            for op, n in zip(ops, nums[1:]):
+                v = v * int(n) if op == "*" else v // int(n)
+            terms.append(-v if sign == "-" else v)
+        return sum(terms)
+
+    shapes = set()
     for item in WORLD.math_items("train", 300) + WORLD.math_items("test", 100):
-        nums = [int(x) for x in re.findall(r"\d+", item["expr"])]
-        signs = re.findall(r"//|[*+-]", item["expr"])
-        value = ops[signs[0]](nums[0], nums[1])
-        if len(signs) == 2:  # a*b-c: the only two-step template, multiplication first
-            value = ops[signs[1]](value, nums[2])
-        assert value == item["answer"] > 0
+        v = value(item["expr"])
+        assert v == item["answer"] > 0
+        assert all(n in re.findall(r"\d+", item["question"]) for n in re.findall(r"\d+", item["expr"]))
         parts = item["messages"][1]["content"]
-        assert parts[1] == {"type": "python", "text": item["expr"]} and parts[2]["text"] == str(value)
-        assert parts[-1]["text"].endswith(f"#### {value}")
+        assert parts[1] == {"type": "python", "text": item["expr"]} and parts[2]["text"] == str(v)
+        assert parts[-1]["text"].endswith(f"#### {v}")
+        shapes.add(re.sub(r"\d+", "n", item["expr"]))
+    assert len(shapes) >= 8  # one- to three-step problems all occur
 
 
 def test_heldout_facts_appear_in_documents():
@@ -97,3 +106,23 @@ def test_task_splits_never_share_questions():
     assert not questions(evals.ToyMath("train", size=500)) & questions(evals.ToyMath("test"))
     train_words = {t["word"] for t in evals.ToySpell("train", size=300)}
     assert len(train_words) > 20 and not train_words & {t["word"] for t in evals.ToySpell("test")}
+
+
+def test_rl_families_are_in_documents_but_never_in_sft():
+    """The _MATH_RL families reach a chat model only through RL: the documents work them out (pretraining
+    knows them as text), no SFT conversation shows one, RL's training task and the test have them all."""
+    import chat_sft, evals
+    templates = [t[0] for t in tok._MATH_SFT + tok._MATH_RL]
+    patterns = [re.compile(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t))) for t in templates]
+    family = lambda q: [i for i, p in enumerate(patterns) if p.fullmatch(q)]
+    sft = set(range(len(tok._MATH_SFT)))
+    docs = [WORLD.document(i) for i in range(3000)]
+    in_docs = {f for d in docs if d.startswith("Question: ") for f in family(d[10:d.index("\n")])}
+    assert in_docs == set(range(len(templates)))
+    for mixture in chat_sft.MIXTURES.values():
+        (factory,) = [f for name, f, *_ in mixture if name == "ToyMath"]
+        assert {f for item in factory() for f in family(item["question"])} == sft
+    for task in (evals.ToyMath("train"), evals.ToyMath("test")):
+        fams = [family(item["question"]) for item in task]
+        assert all(len(f) == 1 and (f[0] in sft) == item["sft_family"] for f, item in zip(fams, task))
+        assert {f[0] for f in fams} == set(range(len(templates)))
