@@ -315,12 +315,16 @@ def run(args):
     if last:
         print0(f"pass@1 {before['pass@1']:.4f} -> {after['pass@1']:.4f} | pass@{k} {before[f'pass@{k}']:.4f} -> "
                f"{after[f'pass@{k}']:.4f} | {num_steps} steps | elapsed {train._fmt_time(wall_time)} ({wall_time:.0f}s)")
+        # the summary table's row: greedy accuracy on the held-out items, as chat_sft.py measures it, so
+        # the SFT and RL columns compare like with like (pass@1 above is sampled at --temperature)
+        greedy = evals.evaluate_chat(model, tokenizer, device, [test_task],
+                                     generate=evals.engine_generate(model, tokenizer))
         if master:
             evals.write_section("rl", {
                 "task": args.task, "init_from": args.init_from, "tag": ckpt_dir.name, "num_steps": num_steps,
                 "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples_per_prompt,
                 "held_out_items": len(test_task), "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
-                test_task.name: after["pass@1"],  # the summary table's row for this task (sampled pass@1)
+                test_task.name: greedy[test_task.name],
                 f"pass@{k}_before": before[f"pass@{k}"], f"pass@{k}_after": after[f"pass@{k}"],
                 "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
                 "reward_curve": evals.sparkline(rewards), "reward_per_step": rewards, "wall_time_s": round(wall_time, 1),
