@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# speedchat, start to end: bash run.sh [cpu|d12|speedrun]
+# speedchat, start to end: bash run.sh [cpu|smoke|d12|speedrun]
 #   cpu       (default on a machine without a GPU) the offline toy world on CPU: tokenizer, a tiny
 #             GPT, mid + SFT, RL, evals, report. No network.
+#   smoke     the cpu preset shortened to a couple of minutes: checks that everything runs.
 #   d12       one GPU, a quick research run on ClimbMix.
 #   speedrun  8 GPUs, the race to GPT-2 grade CORE.
 # Re-runnable: a stage whose report section exists is skipped; one with checkpoints resumes.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# ---- environment: a venv with the runtime dependencies (a CPU torch wheel when none is installed)
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
+# ---- environment: a venv with the runtime dependencies (a CPU torch wheel when none is installed);
+# SPEEDCHAT_PYTHON=/path/to/python uses that interpreter as it is instead (the end-to-end test does)
+PY="${SPEEDCHAT_PYTHON:-.venv/bin/python}"
+if [ -z "${SPEEDCHAT_PYTHON:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+  if ! $PY -c "import torch" 2>/dev/null; then
+    .venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
+  fi
+  # installed once; after that run.sh needs no network for the cpu preset
+  $PY -c "import numpy, tiktoken, requests, flask, pyarrow" 2>/dev/null || .venv/bin/pip install -q -e .
 fi
-.venv/bin/pip install -q -e . 2>/dev/null || .venv/bin/pip install -q -e .
-PY=.venv/bin/python
 export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME/.cache/speedchat}"
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 PRESET="${1:-}"
@@ -27,31 +32,39 @@ if [ -z "$PRESET" ]; then
 fi
 
 done_stage() { [ -f "$SPEEDCHAT_HOME/report/$1.json" ]; }
+has_metric() { $PY -c "import json, sys; sys.exit('$2' not in json.load(open(sys.argv[1])))" "$SPEEDCHAT_HOME/report/$1.json" 2>/dev/null; }
 resume_flag() { if ls "$SPEEDCHAT_HOME/checkpoints/$1/$2"/step_* >/dev/null 2>&1; then echo --resume; fi; }
 stage() { echo; echo "=== $* ($(date +%H:%M:%S))"; }
 T0=$(date +%s)
 
 case "$PRESET" in
-cpu)
+cpu|smoke)
   # Sized for 2 cores: a ~1M-parameter GPT sees the toy world's 2.5M characters a few times in
   # pretraining; mid and SFT teach the chat format, facts questions and the calculator; RL sharpens
   # the arithmetic. Each stage prints progress; report.md shows what each one learned.
-  DATA=toy; TAG=toy
+  # smoke: the same stages, shortened to about 2 minutes (the end-to-end test in tests/ runs it).
+  DATA=toy; TAG=toy; TOY_TASKS=ToyFacts,ToyMath,ToySpell
+  if [ "$PRESET" = cpu ]; then BASE_STEPS=600 CHAT_STEPS=-1 RL_STEPS=120 EVAL_ITEMS=-1 RL_EVAL=200
+  else BASE_STEPS=120 CHAT_STEPS=40 RL_STEPS=8 EVAL_ITEMS=50 RL_EVAL=50; fi
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # a ~1M-parameter model is fastest on one thread
   stage "tokenizer on the toy world"
   [ -f "$SPEEDCHAT_HOME/tokenizer/tokenizer.json" ] || $PY tok.py train --data $DATA --vocab-size 4096
   stage "pretraining"
   done_stage base || $PY train.py --data $DATA --tag $TAG --depth 2 --aspect-ratio 64 --head-dim 64 \
-      --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations 600 \
+      --max-seq-len 256 --device-batch-size 16 --total-batch-size 4096 --num-iterations $BASE_STEPS \
       --eval-every 100 --eval-tokens 32768 --sample-every 0 --core-metric-every 0 --save-every 200 \
       --warmup-ratio 0.02 $(resume_flag base $TAG)
+  stage "the base model on the toy chat tasks (the report's baseline)"
+  has_metric base ToyMath || $PY evals.py chat --source base --tag $TAG -a $TOY_TASKS --max-problems $EVAL_ITEMS
   stage "midtraining"
-  done_stage mid || $PY chat_sft.py --stage mid --mixture toy --model-tag $TAG --tag $TAG $(resume_flag mid $TAG)
+  done_stage mid || $PY chat_sft.py --stage mid --mixture toy --model-tag $TAG --tag $TAG \
+      --num-iterations $CHAT_STEPS --max-problems $EVAL_ITEMS $(resume_flag mid $TAG)
   stage "supervised finetuning"
-  done_stage sft || $PY chat_sft.py --stage sft --mixture toy --model-tag $TAG --tag $TAG $(resume_flag sft $TAG)
+  done_stage sft || $PY chat_sft.py --stage sft --mixture toy --model-tag $TAG --tag $TAG \
+      --num-iterations $CHAT_STEPS --max-problems $EVAL_ITEMS $(resume_flag sft $TAG)
   stage "reinforcement learning on toy arithmetic"
-  done_stage rl || $PY chat_rl.py --task toy --init-from sft --init-tag $TAG --tag $TAG --num-steps 60 \
-      --prompts-per-step 8 --samples-per-prompt 8 --eval-examples 200 --eval-samples 4 --eval-every 20 $(resume_flag rl $TAG)
+  done_stage rl || $PY chat_rl.py --task toy --init-from sft --init-tag $TAG --tag $TAG --num-steps $RL_STEPS \
+      --prompts-per-step 8 --samples-per-prompt 8 --eval-examples $RL_EVAL --eval-samples 4 --eval-every 40 $(resume_flag rl $TAG)
   ;;
 d12|speedrun)
   # ClimbMix: about 250M characters a shard. d12 trains ~10.5 tokens per parameter on ~1.4B
@@ -74,11 +87,12 @@ d12|speedrun)
   done_stage sft || torchrun --standalone --nproc_per_node=$NPROC chat_sft.py --stage sft --model-tag $TAG --tag $TAG $(resume_flag sft $TAG)
   ;;
 *)
-  echo "unknown preset '$PRESET': use cpu, d12 or speedrun"; exit 2 ;;
+  echo "unknown preset '$PRESET': use cpu, smoke, d12 or speedrun"; exit 2 ;;
 esac
 
 stage "report"
 $PY evals.py report
 echo
 echo "done in $(( ($(date +%s) - T0) / 60 )) min: $SPEEDCHAT_HOME/report/report.md"
-echo "chat with it:  $PY engine.py chat --source $( [ "$PRESET" = cpu ] && echo rl || echo sft )   or   $PY serve.py --source $( [ "$PRESET" = cpu ] && echo rl || echo sft )"
+SRC=$(case "$PRESET" in cpu|smoke) echo rl ;; *) echo sft ;; esac)
+echo "chat with it:  $PY engine.py chat --source $SRC   or   $PY serve.py --source $SRC"
