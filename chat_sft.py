@@ -159,6 +159,9 @@ class SmolTalk(evals.Task):
 # epochs in sft)]. A fraction of an epoch takes the task's first part; 0 leaves the task out of that
 # stage (its factory is never called, so nothing is downloaded for it).
 
+# The toy mixtures' rare arithmetic families (tok._MATH_RARE), relative to a common one: about 19 of
+# 2000 problems, so SFT solves them only sometimes and RL has room (0.05 left it little, 0: none to start from).
+TOY_RARE_WEIGHT = 0.02
 MIXTURES = {
     "default": [
         ("SmolTalk", lambda: SmolTalk("train"), 1, 0.022),                             # 460K chats; sft: ~10K
@@ -169,12 +172,12 @@ MIXTURES = {
         ("Identity", lambda: Identity(), 2, 1),                                       # who speedchat is
         ("SpellingBee", lambda: evals.SpellingBee(size=200_000, split="train"), 1, 0.003),  # 200K; sft: 600
         ("ToyFacts", lambda: evals.ToyFacts("train"), 1, 1),                          # the offline toy world
-        ("ToyMath", lambda: evals.ToyMath("train", sft_only=True), 1, 0.25),
+        ("ToyMath", lambda: evals.ToyMath("train", rare_weight=TOY_RARE_WEIGHT), 1, 0.25),
         ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
     ],
     "toy": [  # offline: the toy world alone (facts are few, so they are repeated)
         ("ToyFacts", lambda: evals.ToyFacts("train"), 4, 2),
-        ("ToyMath", lambda: evals.ToyMath("train", sft_only=True), 1, 0.5),  # RL gets the rest
+        ("ToyMath", lambda: evals.ToyMath("train", rare_weight=TOY_RARE_WEIGHT), 1, 0.5),
         ("ToySpell", lambda: evals.ToySpell("train"), 1, 0.25),
         ("Identity", lambda: Identity(), 1, 0.5),
     ],
@@ -618,7 +621,7 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
     """What SFT should change, on the toy world, with the model prompted in the chat format (greedy):
       ToyFacts   accuracy on held-out facts (test split: never in SFT data, known only from pretraining)
       ToyMath    accuracy on test word problems
-      ToyMath_rl_only  the same on the problem families SFT never shows (tok._MATH_RL: RL's to elicit)
+      ToyMath_rare  the same on the problem families SFT shows rarely (tok._MATH_RARE: RL's to fix)
       ends_turn  fraction of completions (both tasks) whose last token is <|assistant_end|>
       python_calls  fraction of ToyMath completions that open a <|python_start|> call"""
     eng = engine.Engine(model, tokenizer)
@@ -628,7 +631,7 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
     for task in (evals.ToyFacts("test"), evals.ToyMath("test")):
         view = task[:max_problems] if max_problems > 0 else task
         correct = calls = 0
-        rl_only = []  # right or not, on ToyMath problems of the _MATH_RL families
+        rare = []  # right or not, on ToyMath problems of the rare families
         for item in view:
             prompt = tokenizer.render_for_completion(item["messages"])
             seqs, _ = eng.generate_batch(prompt, 1, max_tokens=max_tokens, temperature=0.0)
@@ -637,12 +640,12 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
             calls += py in gen
             right = task.evaluate(item, tokenizer.decode([t for t in gen if t not in stop]))
             correct += right
-            if not item.get("sft_family", True):
-                rl_only.append(right)
+            if item.get("rare"):
+                rare.append(right)
         out[task.name] = correct / max(len(view), 1)
         if task.name == "ToyMath":
             out["python_calls"] = calls / max(len(view), 1)
-            out["ToyMath_rl_only"] = sum(rl_only) / max(len(rl_only), 1)
+            out["ToyMath_rare"] = sum(rare) / max(len(rare), 1)
     out["ends_turn"] = sum(ends) / max(len(ends), 1)
     return out
 
@@ -660,7 +663,7 @@ def measure_main(args):
         model, tokenizer, meta, tag = load_source(s, tag or args.model_tag, args.model_step if len(sources) == 1 else None,
                                                   device, "--measure")
         table[f"{s}/{tag}"] = measure_toy(model, tokenizer, args.max_problems)
-    keys = ["ToyFacts", "ends_turn", "python_calls", "ToyMath", "ToyMath_rl_only"]
+    keys = ["ToyFacts", "ends_turn", "python_calls", "ToyMath", "ToyMath_rare"]
     print(f"{'checkpoint':<20}" + "".join(f"{k:>20}" for k in keys))
     for name, row in table.items():
         print(f"{name:<20}" + "".join(f"{row[k]:>20.3f}" for k in keys))

@@ -814,13 +814,12 @@ class ToyFacts(Task):
 
 class ToyMath(Task):
     """Arithmetic word problems whose worked answers call the python tool; graded on the final number.
-    All problem families by default (what RL trains on and the test measures); sft_only=True: the
-    families SFT conversations show (the others are RL's to elicit, see tok._MATH_RL)."""
+    Every problem family equally often; rare_weight < 1 draws the rare ones (tok._MATH_RARE) less."""
     name = "ToyMath"
 
-    def __init__(self, split="test", size=None, seed=0, sft_only=False, **kw):
+    def __init__(self, split="test", size=None, seed=0, rare_weight=1.0, **kw):
         super().__init__(**kw)
-        self.items = tok.ToyWorld(seed).math_items(split, size or (200 if split == "test" else 2000), sft_only)
+        self.items = tok.ToyWorld(seed).math_items(split, size or (200 if split == "test" else 2000), rare_weight)
 
     def num_examples(self):
         return len(self.items)

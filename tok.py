@@ -244,7 +244,7 @@ def iter_documents(data: str, split: str = "train", max_chars: int | None = None
 # state these facts in varied phrasings and orders among filler prose, next to worked arithmetic
 # problems and spellings. Everything comes from random.Random seeded with strings (sha512-based, the
 # same on every machine and Python version): same seed, same world, same documents.
-TOY_VERSION = 2
+TOY_VERSION = 1  # part of every seed string: another value draws another world (names, facts, documents)
 TOY_UNITS, TOY_UNIT_DOCS = 64, 256  # one epoch of toy text: 64 units of 256 documents
 _SYL = ["ka", "lo", "mi", "ra", "ten", "vo", "sha", "bel", "dor", "fi", "gan", "hu", "ir", "jo", "kel", "lun", "mar", "nor",
         "pe", "quo", "ros", "sil", "tu", "var", "wen", "yar", "zel", "an", "bri", "cor"]
@@ -278,10 +278,11 @@ _FILLER = ["The morning was quiet.", "Rain fell for most of the week.", "Nobody 
            "A cold wind came down from the hills.", "Letters arrived once a month.", "The bells rang at noon.",
            "Some say the stories are older than the towns.", "The harvest was good.", "Lamps were lit at dusk."]
 # Arithmetic word problems: (question, the python a solver writes, a sentence with the answer {r}).
-# The documents work out problems of every family. SFT conversations show only _MATH_SFT; the
-# _MATH_RL families (variations: another operation, one step more) reach the chat model only through
-# RL, as questions with a checkable answer: RL has to elicit in chat what pretraining saw as text.
-_MATH_SFT = [
+# The documents work out problems of every family, equally often. SFT conversations show the
+# _MATH_RARE families (variations: another operation, one step more) only rarely (chat_sft.py's
+# TOY_RARE_WEIGHT), so the SFT model solves them now and then; RL, which sees them as often as the
+# others, has something to make reliable from the reward alone: the long tail of a real SFT set.
+_MATH_COMMON = [
     ("{p} has {a} baskets with {b} apples in each. How many apples does {p} have?", "{a}*{b}", "{p} has {r} apples."),
     ("{p} had {a} coins and spent {b} of them. How many coins are left?", "{a}-{b}", "{p} has {r} coins left."),
     ("{p} picked {a} plums in the morning and {b} in the afternoon. How many plums did {p} pick?", "{a}+{b}", "{p} picked {r} plums."),
@@ -290,7 +291,7 @@ _MATH_SFT = [
     ("{p} has {a} {x} and {d} {y}, then gives away {c} {y}. How many {y} does {p} have now?", "{d}-{c}", "{p} has {r} {y}."),
     ("{p} has {d} coins, earns {b} coins a day for {c} days, then spends {a}. How many coins does {p} have?", "{d}+{b}*{c}-{a}", "{p} has {r} coins."),
 ]
-_MATH_RL = [
+_MATH_RARE = [
     ("{p} has {d} {y} and {a} {x}, then finds {c} more {y}. How many {y} does {p} have now?", "{d}+{c}", "{p} has {r} {y}."),
     ("{p} buys {a} boxes of {b} {y} and {c} loose {y}. How many {y} does {p} have?", "{a}*{b}+{c}", "{p} has {r} {y}."),
     ("A book has {ab} pages. {p} reads {a} pages a day for {c} days. How many pages are left?", "{ab}-{a}*{c}", "There are {r} pages left."),
@@ -360,10 +361,13 @@ class ToyWorld:
         return {"messages": [{"role": "user", "content": question.format(s=s)},
                              {"role": "assistant", "content": answer.format(s=s, o=o)}], "answer": o, "relation": r, "subject": s}
 
-    def math_item(self, i: int, sft_only: bool = False) -> dict:
+    def math_item(self, i: int, rare_weight: float = 1.0) -> dict:
+        """Problem i; a _MATH_RARE family is drawn rare_weight times as often as a common one."""
         rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:math:{i}")
-        templates = _MATH_SFT + ([] if sft_only else _MATH_RL)
+        templates = _MATH_COMMON + _MATH_RARE
         k = rng.randrange(len(templates))
+        while rare_weight < 1 and k >= len(_MATH_COMMON) and rng.random() >= rare_weight:  # keep a rare one w.p. rare_weight
+            k = rng.randrange(len(templates))
         q, expr, sent = templates[k]
         r = 0
         while r <= 0:  # redraw the numbers until the answer is positive
@@ -379,14 +383,14 @@ class ToyWorld:
         parts = [{"type": "text", "text": "Let me compute it. "}, {"type": "python", "text": expr},
                  {"type": "python_output", "text": str(r)}, {"type": "text", "text": f" {sentence}\n#### {r}"}]
         return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}],
-                "question": question, "expr": expr, "answer": r, "sentence": sentence, "sft_family": k < len(_MATH_SFT)}
+                "question": question, "expr": expr, "answer": r, "sentence": sentence, "rare": k >= len(_MATH_COMMON)}
 
-    def math_items(self, split: str, n: int, sft_only: bool = False) -> list:
+    def math_items(self, split: str, n: int, rare_weight: float = 1.0) -> list:
         """n word problems of a split; a problem is test iff the hash of its text is 0 mod 10, so the
-        two splits never share a question. sft_only: only the _MATH_SFT families."""
+        two splits never share a question."""
         out, i = [], 0
         while len(out) < n:
-            item = self.math_item(i, sft_only)
+            item = self.math_item(i, rare_weight)
             i += 1
             if (hashlib.sha1(item["question"].encode()).digest()[0] % 10 == 0) == (split == "test"):
                 out.append(item)

@@ -43,10 +43,10 @@ def test_smoke_pipeline_learns_and_serves(tmp_path):
     again = subprocess.run(["bash", "run.sh", "smoke"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "step 00001" not in again.stdout, again.stdout[-4000:] + again.stderr[-4000:]
 
-    # the chat model behind serve.py answers held-out word problems (of the families SFT taught), each
+    # the chat model behind serve.py answers held-out word problems (of the common families), each
     # streamed token by token, calling the calculator on the way
     math = evals.ToyMath("test")
-    items = [item for item in math if item["sft_family"]][:5]
+    items = [item for item in math if not item["rare"]][:5]
     proc = subprocess.Popen([sys.executable, "serve.py", "--source", "rl", "--port", "0", "--device", "cpu"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

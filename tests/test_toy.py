@@ -108,21 +108,24 @@ def test_task_splits_never_share_questions():
     assert len(train_words) > 20 and not train_words & {t["word"] for t in evals.ToySpell("test")}
 
 
-def test_rl_families_are_in_documents_but_never_in_sft():
-    """The _MATH_RL families reach a chat model only through RL: the documents work them out (pretraining
-    knows them as text), no SFT conversation shows one, RL's training task and the test have them all."""
+def test_rare_families_are_rare_only_in_sft():
+    """Documents work out every problem family, RL's training task and the test have them all equally
+    often, and SFT conversations show the _MATH_RARE ones at TOY_RARE_WEIGHT of a common one's rate."""
     import chat_sft, evals
-    templates = [t[0] for t in tok._MATH_SFT + tok._MATH_RL]
+    templates = [t[0] for t in tok._MATH_COMMON + tok._MATH_RARE]
     patterns = [re.compile(re.sub(r"\\\{\w+\\\}", ".+?", re.escape(t))) for t in templates]
     family = lambda q: [i for i, p in enumerate(patterns) if p.fullmatch(q)]
-    sft = set(range(len(tok._MATH_SFT)))
+    rare = set(range(len(tok._MATH_COMMON), len(templates)))
     docs = [WORLD.document(i) for i in range(3000)]
-    in_docs = {f for d in docs if d.startswith("Question: ") for f in family(d[10:d.index("\n")])}
-    assert in_docs == set(range(len(templates)))
+    in_docs = [f for d in docs if d.startswith("Question: ") for f in family(d[10:d.index("\n")])]
+    assert set(in_docs) == set(range(len(templates))) and 0.2 < sum(f in rare for f in in_docs) / len(in_docs) < 0.5
     for mixture in chat_sft.MIXTURES.values():
         (factory,) = [f for name, f, *_ in mixture if name == "ToyMath"]
-        assert {f for item in factory() for f in family(item["question"])} == sft
+        share = sum(item["rare"] for item in factory()) / len(factory())
+        w = chat_sft.TOY_RARE_WEIGHT * len(rare)
+        assert 0 < w / (len(templates) - len(rare) + w) / 2 < share < 2 * w / (len(templates) - len(rare) + w)
     for task in (evals.ToyMath("train"), evals.ToyMath("test")):
         fams = [family(item["question"]) for item in task]
-        assert all(len(f) == 1 and (f[0] in sft) == item["sft_family"] for f, item in zip(fams, task))
+        assert all(len(f) == 1 and (f[0] in rare) == item["rare"] for f, item in zip(fams, task))
         assert {f[0] for f in fams} == set(range(len(templates)))
+        assert 0.2 < sum(item["rare"] for item in task) / len(task) < 0.5
