@@ -37,7 +37,10 @@ def test_split_matches_regex_on_text():
     assert tok.split(text) == regex.findall(tok.SPLIT_PATTERN, text)
 
 
-def test_count_chunks_matches_counter():
+@pytest.mark.parametrize("window, fold", [(10 ** 9, 32), (700, 3)])  # one window; many windows, folded in threes
+def test_count_chunks_matches_counter(monkeypatch, window, fold):
+    monkeypatch.setattr(tok, "WINDOW_CHARS", window)
+    monkeypatch.setattr(tok, "FOLD_PARTS", fold)
     rng = random.Random(2)
     docs = [random_text(rng, rng.randint(1, 300)) for _ in range(50)] + ["", "a", "  trailing  "]
     data, lens, counts = tok.count_chunks(docs, workers=2)
