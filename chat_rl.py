@@ -214,22 +214,10 @@ def run(args):
 
     start_step, rewards, wall_time, before, after = 0, [], 0.0, None, None
     if args.resume:
-        if train.last_step(ckpt_dir) is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        model_state, optim_state, rank_state, meta = train.load_checkpoint(ckpt_dir, None, device, rank)
-        if meta["model_config"] != asdict(config) or meta.get("tokenizer_hash") != tokenizer.hash:
-            raise SystemExit(f"--resume: {ckpt_dir} holds another model or tokenizer than --init-from {args.init_from}")
-        if meta.get("world_size") != ws:
-            raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
-        diff = {k: (meta["rl"].get(k), v) for k, v in rl_meta.items() if meta["rl"].get(k) != v}
-        if diff:
-            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
-        if optim_state is None:
-            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer state for rank {rank}")
+        model_state, optim_state, rank_state, meta = train.load_resume(ckpt_dir, config, tokenizer, "rl", rl_meta, device, rank, ws)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
-        if rank_state is not None:
-            train.set_rng_state(rank_state["rng"], device)
+        train.set_rng_state(rank_state["rng"], device)
         start_step, loop = meta["step"], meta["loop"]
         rewards, wall_time, before, after = loop["rewards"], loop["wall_time"], loop["before"], loop["after"]
         del model_state, optim_state

@@ -513,17 +513,8 @@ def finetune(args):
     # resume: refuse anything that would not continue the same run (as train.py)
     start_step, smooth_loss, train_time, last_loss = 0, 0.0, 0.0, None
     if args.resume:
-        if train.last_step(ckpt_dir) is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        model_state, optim_state, rank_state, meta = train.load_checkpoint(ckpt_dir, None, device, rank)
-        if meta.get("tokenizer_hash") != tokenizer.hash or meta["model_config"] != asdict(config):
-            raise SystemExit(f"--resume: {ckpt_dir} was trained with another tokenizer or model config")
-        diff = {k: (meta["train"].get(k), v) for k, v in train_meta.items() if meta["train"].get(k) != v}
-        if diff or meta.get("world_size") != ws:
-            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): "
-                             f"{diff or {'world_size': (meta.get('world_size'), ws)}}")
-        if optim_state is None or rank_state is None:
-            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/loader state for rank {rank}")
+        model_state, optim_state, rank_state, meta = train.load_resume(ckpt_dir, config, tokenizer, "train", train_meta,
+                                                                       device, rank, ws)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         loader.load_state_dict(rank_state["loader"])

@@ -712,6 +712,31 @@ def check_tokenizer(meta, tokenizer, where):
                          f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
 
 
+def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict, device, rank: int, ws: int):
+    """The last checkpoint of ckpt_dir for --resume, after refusing whatever would not continue the same
+    run: no checkpoint, another tokenizer or model config, another world size (the optimizer state is
+    sharded), other run settings (meta[section] vs settings), no optimizer or rank state for this rank.
+    Returns (model_state, optim_state, rank_state, meta)."""
+    if last_step(ckpt_dir) is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+    model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, None, device, rank)
+    try:
+        check_tokenizer(meta, tokenizer, ckpt_dir)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    changed = lambda old, new: {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}  # noqa: E731
+    if meta["model_config"] != asdict(config):
+        raise SystemExit(f"--resume: {ckpt_dir} has an incompatible model config (checkpoint vs now): "
+                         f"{changed(meta['model_config'], asdict(config))}")
+    if meta.get("world_size") != ws:
+        raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
+    if diff := changed(meta.get(section, {}), settings):
+        raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
+    if optim_state is None or rank_state is None:
+        raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
+    return model_state, optim_state, rank_state, meta
+
+
 def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: bool, start_step: int, master: bool):
     """After a resume was loaded (or not): refuse to clobber another run's checkpoints, clear a fresh
     run's stale checkpoints and log, and drop log lines from beyond a resume point."""
@@ -930,23 +955,7 @@ def pretrain(args):
     # resume: refuse anything that would not continue the same run
     start_step, smooth_loss, train_time, timed_steps, val_bpb, min_val_bpb = 0, 0.0, 0.0, 0, None, None
     if args.resume:
-        if last_step(ckpt_dir) is None:
-            raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-        model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, None, device, rank)
-        try:
-            check_tokenizer(meta, tokenizer, ckpt_dir)
-        except ValueError as e:
-            raise SystemExit(f"--resume: {e}") from None
-        if meta["model_config"] != asdict(config):
-            diff = {k: (meta["model_config"].get(k), v) for k, v in asdict(config).items() if meta["model_config"].get(k) != v}
-            raise SystemExit(f"--resume: {ckpt_dir} has an incompatible model config (checkpoint vs now): {diff}")
-        if meta.get("world_size") != ws:
-            raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
-        diff = {k: (meta["train"].get(k), v) for k, v in train_meta.items() if meta["train"].get(k) != v}
-        if diff:
-            raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
-        if optim_state is None or rank_state is None:
-            raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/loader state for rank {rank}")
+        model_state, optim_state, rank_state, meta = load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         train_loader.load_state_dict(rank_state["loader"])

@@ -39,11 +39,13 @@ class StubTokenizer:
         return self.vocab_size + 1 + hash(name) % 1000
 
 
-def build_model(args, device):
+def build_model(args, device, vocab_size=None):
+    """A seeded random GPT of args.depth / args.max_seq_len / args.n_embd (0: train.py's width), in eval mode
+    (evals_bench.py builds its models here too)."""
     argv = ["--depth", str(args.depth), "--max-seq-len", str(args.max_seq_len)]
     if args.n_embd > 0:
         argv += ["--n-embd", str(args.n_embd), "--n-head", str(max(1, args.n_embd // 64))]
-    cfg = train.build_config(train.parse_args(argv), args.vocab_size)
+    cfg = train.build_config(train.parse_args(argv), vocab_size or args.vocab_size)
     torch.manual_seed(0)
     with torch.device(device):
         model = train.GPT(cfg)

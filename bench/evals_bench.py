@@ -24,6 +24,7 @@ import torch
 import evals
 import tok
 import train
+from engine_bench import build_model  # noqa: E402 (bench/ is on sys.path as the script's folder)
 
 SYL = "ba be bi bo ka ke ki ko la le li lo ma me mi mo na ne ni no ra re ri ro sa se si so ta te ti to".split()
 
@@ -109,14 +110,7 @@ def main():
         rng = random.Random(0)
         tokenizer = tok.train_tokenizer([words(rng, 200) + " Question? Answer: 0123456789 #### A. B. C. D." for _ in range(300)],
                                         args.vocab_size)
-        targv = ["--depth", str(args.depth), "--max-seq-len", str(args.max_seq_len)]
-        if args.n_embd > 0:
-            targv += ["--n-embd", str(args.n_embd), "--n-head", str(max(1, args.n_embd // 64))]
-        cfg = train.build_config(train.parse_args(targv), tokenizer.vocab_size)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = train.GPT(cfg)
-        model.eval()
+        model, cfg = build_model(args, device, tokenizer.vocab_size)
         what = f"random model depth {cfg.n_layer} width {cfg.n_embd} seq {cfg.sequence_len} vocab {cfg.vocab_size}"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{name}, torch {torch.__version__}, {what}")
