@@ -158,7 +158,7 @@ def execute_code(code, timeout=SANDBOX_TIMEOUT, max_memory=SANDBOX_MEMORY, max_o
     at `max_output` characters. The value of a last expression is printed, like a REPL: "12*7" -> "84".
     """
     request = json.dumps({"code": code, "max_memory": int(max_memory), "max_output": int(max_output),
-                          "cpu_seconds": max(1, math.ceil(timeout))})
+                          "cpu_seconds": math.ceil(timeout) + 1})  # a backstop: the wall clock should fire first
     with tempfile.TemporaryDirectory(prefix="speedchat_sandbox_") as cwd:
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SANDBOX_CHILD], cwd=cwd, env={},
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -172,6 +172,8 @@ def execute_code(code, timeout=SANDBOX_TIMEOUT, max_memory=SANDBOX_MEMORY, max_o
     try:
         res = json.loads(raw)
     except ValueError:  # killed by a signal (CPU limit, segfault) before it could answer
+        if proc.returncode == -signal.SIGXCPU:
+            return ExecResult(False, "", f"TimeoutError: execution took over {timeout:g} seconds of CPU", timed_out=True)
         return ExecResult(False, "", f"the sandbox process died (exit status {proc.returncode})")
     return ExecResult(res["error"] is None, res["stdout"], res["error"], res["stderr"])
 
