@@ -127,8 +127,12 @@ def dist_worker(rank, world_size, port, fn_name, args):
         if dist.is_initialized():  # train.main cleans up after itself
             dist.barrier()  # nobody tears down gloo while the other rank still talks
             dist.destroy_process_group()
-    # Leave without interpreter teardown: gloo's threads can abort the process (SIGABRT,
-    # "terminate called without an active exception") while C++ statics are destroyed at exit.
+    exit_rank()
+
+
+def exit_rank():
+    """End a spawned gloo test rank that succeeded without interpreter teardown: gloo's threads can abort
+    the process (SIGABRT, "terminate called without an active exception") while C++ statics are destroyed."""
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(0)
 

@@ -10,6 +10,7 @@ import torch
 
 import evals
 import tok
+from _helpers_train import exit_rank
 
 
 # ----------------------------------------------------------------------------- fixtures and fakes
@@ -315,6 +316,7 @@ def _dist_worker(rank, port, root, tokdir, out):
             Path(out).write_text(json.dumps({"core": res, "chat": chat}))
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def test_distributed_scoring_equals_one_process(core_setup, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import chat_rl, evals, tok, train
+from _helpers_train import exit_rank
 
 
 @functools.lru_cache(maxsize=1)
@@ -203,6 +204,7 @@ def _rank_main(rank, world_size, port, home, argv):
     torch.set_num_threads(1)
     chat_rl.TASKS["toy"] = (ParityTask, 6, 2)
     chat_rl.main(argv)
+    exit_rank()
 
 
 def test_two_ranks_match_one(monkeypatch, speedchat_home):

@@ -10,6 +10,7 @@ import chat_sft
 import evals
 import tok
 import train
+from _helpers_train import exit_rank
 
 _TOKENIZER = []
 
@@ -289,6 +290,7 @@ def _rank_main(rank, world_size, port, home, argv):
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # fp32 noise would hide the comparison (Adam amplifies tiny gradients)
     chat_sft.main(argv)
+    exit_rank()
 
 
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(speedchat_home):
