@@ -10,7 +10,7 @@ One dial: --depth sets the width (depth x 64, heads of 128), the learning rates 
 horizon (tokens = --target-param-data-ratio x scaling params). Later stages import from here:
 GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, train_step,
 TokenLoader, evaluate_bpb, save_checkpoint, load_checkpoint, load_model, checkpoint_root,
-last_step, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
+last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
 """
 import argparse, bisect, contextlib, json, math, os, random, shutil, time
 from dataclasses import dataclass, asdict
