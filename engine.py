@@ -41,6 +41,8 @@ import tok
 SANDBOX_TIMEOUT = 5.0             # wall-clock seconds before the sandbox process group is killed
 SANDBOX_MEMORY = 512 * 2**20      # bytes of address space (RLIMIT_AS)
 SANDBOX_OUTPUT = 16_000           # characters of stdout kept; more stops the program
+SANDBOX_THREADS = 16              # threads the code may start (RLIMIT_NPROC above what its user runs)
+SANDBOX_FILE_BYTES = 16 * 2**20   # largest file it may write (RLIMIT_FSIZE), only in its private directory
 TOOL_OUTPUT_CHARS = 1_000         # characters of a tool result forced into the model's context
 ARITH_MAX_INT = 10**100           # the arithmetic fast path gives up (falls back) beyond this
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
@@ -71,11 +73,20 @@ req = json.loads(sys.stdin.read())
 result_file = io.open(os.dup(1), "wb")            # private channel for the answer
 null = os.open(os.devnull, os.O_WRONLY)
 os.dup2(null, 1); os.dup2(null, 2)                # stray writes to fd 1/2 go nowhere
-cap = req["max_output"]
+cap, home = req["max_output"], os.path.realpath(os.getcwd())   # home: the private directory, removed afterwards
+
+def user_tasks():                                 # RLIMIT_NPROC counts every task (thread) of our uid
+    n = 0
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == os.getuid(): n += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError: pass
+    return n
+threads = user_tasks() + req["max_threads"]       # a few threads (threading, concurrent.futures); no fork bomb
 for lim, soft, hard in ((resource.RLIMIT_AS, req["max_memory"], req["max_memory"]),
                         (resource.RLIMIT_CPU, req["cpu_seconds"], req["cpu_seconds"] + 1),
-                        (resource.RLIMIT_NPROC, 0, 0),     # no new processes (ignored for root)
-                        (resource.RLIMIT_FSIZE, 0, 0),     # no file can grow
+                        (resource.RLIMIT_NPROC, threads, threads),     # ignored for root
+                        (resource.RLIMIT_FSIZE, req["max_file"], req["max_file"]),
                         (resource.RLIMIT_CORE, 0, 0)):
     try: resource.setrlimit(lim, (soft, hard))
     except (ValueError, OSError): pass
@@ -93,24 +104,52 @@ class Capped(io.TextIOBase):                      # stdout that stops the progra
         self.parts.append(s); self.n += len(s); return len(s)
     def getvalue(self): return "".join(self.parts)
 
+# Python-level guards (a second layer): no processes, signals or environment changes; writes, renames
+# and deletions only inside `home` (where TMPDIR points, so tempfile works); reading is allowed.
 def disabled(*args, **kwargs): raise PermissionError("disabled in the sandbox")
 for name in ("system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle",
              "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
              "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill",
-             "killpg", "open", "remove", "unlink", "rmdir", "removedirs", "rename", "renames",
-             "replace", "mkdir", "makedirs", "mkfifo", "mknod", "chmod", "chown", "lchown",
-             "truncate", "ftruncate", "symlink", "link", "putenv", "unsetenv", "chdir", "chroot",
-             "setuid", "setgid", "register_at_fork"):
+             "killpg", "mkfifo", "mknod", "chmod", "chown", "lchown", "truncate", "symlink", "link",
+             "putenv", "unsetenv", "chdir", "chroot", "setuid", "setgid"):
     for module in (os, posix):                    # posix: the C functions behind os
         if hasattr(module, name): setattr(module, name, disabled)
+def inside(path, dir_fd=None):
+    if isinstance(path, int): return True         # an open descriptor, checked when it was opened
+    base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else home
+    full = os.path.realpath(os.path.join(base, os.fsdecode(path)))
+    return full == home or full.startswith(home + os.sep)
+def writes_inside(fn, paths, fd_keys):            # fn(path, ...) may only touch paths inside home
+    def guarded(*args, **kwargs):
+        for path, key in zip(args[:paths], fd_keys):
+            if not inside(path, kwargs.get(key)): raise PermissionError(f"writes outside the sandbox directory are disabled: {path!r}")
+        return fn(*args, **kwargs)
+    return guarded
+for name, paths, keys in (("mkdir", 1, ["dir_fd"]), ("makedirs", 1, [None]), ("rmdir", 1, ["dir_fd"]),
+                          ("remove", 1, ["dir_fd"]), ("unlink", 1, ["dir_fd"]), ("removedirs", 1, [None]),
+                          ("rename", 2, ["src_dir_fd", "dst_dir_fd"]), ("replace", 2, ["src_dir_fd", "dst_dir_fd"]),
+                          ("renames", 2, [None, None])):
+    for module in (os, posix):
+        if hasattr(module, name): setattr(module, name, writes_inside(getattr(module, name), paths, keys))
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+real_os_open = os.open
+def checked_os_open(path, flags, *args, **kwargs):
+    if flags & WRITE_FLAGS and not inside(path, kwargs.get("dir_fd")): raise PermissionError(f"file writes outside the sandbox directory are disabled: {path!r}")
+    return real_os_open(path, flags, *args, **kwargs)
+os.open = posix.open = checked_os_open
 real_open = io.open
-def read_only_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+"): raise PermissionError("file writes are disabled in the sandbox")
+def checked_open(file, mode="r", *args, **kwargs):
+    if any(c in mode for c in "wax+") and not inside(file): raise PermissionError(f"file writes outside the sandbox directory are disabled: {file!r}")
     return real_open(file, mode, *args, **kwargs)
-builtins.open = io.open = read_only_open
+builtins.open = io.open = checked_open
+class CheckedFileIO(io.FileIO):
+    def __init__(self, file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not inside(file): raise PermissionError(f"file writes outside the sandbox directory are disabled: {file!r}")
+        super().__init__(file, mode, *args, **kwargs)
+io.FileIO = CheckedFileIO
 for name in ("subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "socket",
              "_socket", "ssl", "_ssl", "select", "selectors", "asyncio", "ctypes", "_ctypes", "pty",
-             "shutil", "urllib.request", "http.client", "ftplib", "smtplib", "resource", "signal"):
+             "urllib.request", "http.client", "ftplib", "smtplib", "resource"):
     sys.modules[name] = None                      # `import socket` now raises ImportError
 
 out, err = Capped(), Capped()
@@ -124,8 +163,7 @@ try:
     if last is not None:                          # like a REPL: show the last expression's value
         value = eval(compile(ast.Expression(last.value), "<sandbox>", "eval"), env)
         if value is not None: print(display_value(value))
-except SystemExit: pass
-except BaseException as e:
+except BaseException as e:                        # SystemExit too: a program that exits early did not finish
     error = type(e).__name__ + (f": {e}" if str(e) else "")
 sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 result_file.write(json.dumps({"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error}).encode())
@@ -150,17 +188,22 @@ def execute_code(code, timeout=SANDBOX_TIMEOUT, max_memory=SANDBOX_MEMORY, max_o
 
     A guard against accidents (an infinite loop, a fork bomb, a huge allocation, a stray file
     write or network call, a flood of output), NOT a security boundary: the limits are rlimits plus
-    a disabled os/subprocess/socket/open-for-writing, which deliberate code can get around. Never
-    run untrusted code with it outside a container or VM. The limits: wall clock `timeout` (the
-    whole process group is killed), CPU time (RLIMIT_CPU), address space `max_memory` (RLIMIT_AS),
-    no new processes (RLIMIT_NPROC, which Linux ignores for root; the disabled os.fork/system/exec
-    and subprocess/multiprocessing cover that case), no file growth (RLIMIT_FSIZE), stdout capped
-    at `max_output` characters. The value of a last expression is printed, like a REPL: "12*7" -> "84".
+    a disabled os/subprocess/socket and writes confined to a private directory, which deliberate
+    code can get around. Never run untrusted code with it outside a container or VM. The limits:
+    wall clock `timeout` (the whole process group is killed), CPU time (RLIMIT_CPU), address space
+    `max_memory` (RLIMIT_AS), a few threads and no new processes (RLIMIT_NPROC, which Linux ignores
+    for root; the disabled os.fork/system/exec and subprocess/multiprocessing cover that case), files
+    of at most SANDBOX_FILE_BYTES written only in the private directory (TMPDIR, the working
+    directory; removed afterwards), stdout capped at `max_output` characters. The standard library
+    works (random, threading, logging, tempfile, ...). Success means the code ran to its end: an
+    exception or an early exit (sys.exit, SystemExit, os._exit) is a failure. The value of a last
+    expression is printed, like a REPL: "12*7" -> "84".
     """
     request = json.dumps({"code": code, "max_memory": int(max_memory), "max_output": int(max_output),
+                          "max_threads": SANDBOX_THREADS, "max_file": SANDBOX_FILE_BYTES,
                           "cpu_seconds": math.ceil(timeout) + 1})  # a backstop: the wall clock should fire first
     with tempfile.TemporaryDirectory(prefix="speedchat_sandbox_") as cwd:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SANDBOX_CHILD], cwd=cwd, env={},
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SANDBOX_CHILD], cwd=cwd, env={"TMPDIR": cwd},
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 start_new_session=True)   # own process group: one kill gets all
         try:
@@ -403,7 +446,7 @@ class Engine:
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
         model, device = self.model, next(self.model.parameters()).device
-        n_layer, context = model.config.n_layer, model.config.sequence_len
+        n_layer, context = model.config.n_layer, model.max_positions  # the whole prompt, at any length it can represent
         budget = context - len(tokens)
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
         if max_tokens <= 0:

@@ -10,7 +10,7 @@ evals.py: measure every stage and write the report card.
 Reads top to bottom: constants, downloads, CORE (bundle, core.yaml, prompts, scoring), chat tasks
 (the Task objects that chat_sft.py and chat_rl.py also train on), chat evaluation, the report card,
 the command line. What other stages call:
-    evaluate_core(model, tokenizer, device, max_per_task=-1) -> {"core_metric", "results", "centered"}
+    evaluate_core(model, tokenizer, device, max_per_task=-1) -> {"core_metric", "results", ...}; core_report(res)
     ARC, MMLU, GSM8K, HumanEval, SpellingBee, TaskMixture, CHAT_TASKS, get_task(name)
     evaluate_chat(model, tokenizer, device, tasks, max_problems=-1) -> {task: accuracy, "ChatCORE": x}
     write_section(name, dict), assemble_report()
@@ -29,8 +29,8 @@ import tok
 
 CORE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 GPT2_XL_CORE = 0.256525       # CORE of GPT-2 1.5B, the reference point
-FEWSHOT_SEED = 1234           # few-shot examples of item i: random.Random(FEWSHOT_SEED + i)
-SUBSET_SEED = 1337            # --max-per-task takes a seeded random subset, not the file's first lines
+SHUFFLE_SEED = 1337           # CORE items in the order random.Random(1337).shuffle gives (the reference's)
+FEWSHOT_SEED = 1234           # few-shot examples of the item at position i: random.Random(FEWSHOT_SEED + i)
 CORE_BATCH_TOKENS = 8192      # tokens per scoring forward (rows x longest row); logits cost 4*V bytes each
 CORE_TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 HF_BASE = "https://huggingface.co"   # the parquet API host; tests point it at a local server
@@ -305,21 +305,18 @@ def core_sequences(task_type, item, fewshot, delim, tokenizer) -> list:
     return [(b, min(_common_prefix([a, b]), len(b) - 1), len(b))]
 
 
-def _truncate_left(tokens, start, end, max_len):
-    """Keep the last max_len tokens (the answer is at the end); the span keeps at least one prediction."""
-    cut = len(tokens) - max_len
-    if cut <= 0:
-        return tokens, start, end
-    return tokens[cut:], max(1, start - cut), end - cut
+def check_fits(model, n_tokens: int, what: str):
+    """Prompts are forwarded whole, never cropped: one the model cannot represent stops the evaluation."""
+    if n_tokens > model.max_positions:
+        raise EvalError(f"{what} is {n_tokens} tokens; this model represents at most {model.max_positions} "
+                        f"(its rotary table) and prompts are never cropped")
 
 
 @torch.no_grad()
 def score_sequences(model, seqs, device, batch_tokens=CORE_BATCH_TOKENS) -> list:
     """(mean loss over tokens[start:end], greedy reproduces them all) for each (tokens, start, end).
-    Rows are sorted by length and packed up to batch_tokens per forward; padding goes on the right,
-    where causal attention makes it invisible to the real tokens."""
-    max_len = getattr(getattr(model, "config", None), "sequence_len", None) or 1 << 30
-    seqs = [_truncate_left(*s, max_len) for s in seqs]
+    Rows are sorted by length and packed up to batch_tokens per forward (so a few long prompts run
+    alone and don't pad the rest); padding goes on the right, where causal attention hides it."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
     out, i = [None] * len(seqs), 0
     while i < len(order):
@@ -344,27 +341,40 @@ def score_sequences(model, seqs, device, batch_tokens=CORE_BATCH_TOKENS) -> list
     return out
 
 
-def fewshot_for(data, idx, k):
-    """k examples from data other than item idx, fixed by the seed (the same on every rank and run)."""
-    k = min(k, len(data) - 1)
+# The reference's item order and few-shot draw (nanochat base_eval / core_eval, which measured GPT-2's
+# 0.256525): the task's items are shuffled once with random.Random(1337); max_per_task > 0 keeps the
+# first N of that order; the item at position i of the kept list takes its examples from
+# random.Random(1234 + i).sample(every other position of the kept list, num_fewshot).
+
+def core_order(n: int, max_per_task: int = -1) -> list:
+    """File indices of the items a task scores, in the reference's order."""
+    order = list(range(n))
+    random.Random(SHUFFLE_SEED).shuffle(order)  # the same permutation as shuffling the items themselves
+    return order[:max_per_task] if max_per_task > 0 else order
+
+
+def fewshot_for(items, i, k) -> list:
+    """k examples for items[i] from the other kept items (all of them when there are fewer than k).
+    sample() picks positions from the population's length and the seed alone, so sampling
+    range(n - 1) and skipping i equals sampling the list of other positions, in O(k) not O(n)."""
+    k = min(k, len(items) - 1)
     if k <= 0:
         return []
-    picks = random.Random(FEWSHOT_SEED + idx).sample(range(len(data) - 1), k)
-    return [data[j + (j >= idx)] for j in picks]
+    picks = random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), k)
+    return [items[j + (j >= i)] for j in picks]
 
 
 def evaluate_task(model, tokenizer, task, data, device, max_per_task=-1, batch_tokens=CORE_BATCH_TOKENS) -> float:
-    """Accuracy of one CORE task. Ranks take items i, i+W, ...; the counts are summed over ranks."""
+    """Accuracy of one CORE task. Ranks take positions r, r+W, ...; the counts are summed over ranks."""
     ttype, delim, shots = task["icl_task_type"], task["continuation_delimiter"], task["num_fewshot"]
-    ids = list(range(len(data)))
-    if 0 < max_per_task < len(ids):
-        random.Random(SUBSET_SEED).shuffle(ids)
-        ids = ids[:max_per_task]
+    order = core_order(len(data), max_per_task)
+    items = [data[j] for j in order]
     rank, world = _rank_world()
-    mine = ids[rank::world]
+    mine = range(rank, len(items), world)
     seqs, owner = [], []
-    for n, idx in enumerate(mine):
-        for s in core_sequences(ttype, data[idx], fewshot_for(data, idx, shots), delim, tokenizer):
+    for n, i in enumerate(mine):
+        for s in core_sequences(ttype, items[i], fewshot_for(items, i, shots), delim, tokenizer):
+            check_fits(model, len(s[0]), f"{task['label']}: item {order[i]} of {task['dataset_uri']}")
             seqs.append(s)
             owner.append(n)
     scores = score_sequences(model, seqs, device, batch_tokens)
@@ -372,24 +382,25 @@ def evaluate_task(model, tokenizer, task, data, device, max_per_task=-1, batch_t
     for n, sc in zip(owner, scores):
         per_item[n].append(sc)
     correct = 0
-    for idx, sc in zip(mine, per_item):
+    for i, sc in zip(mine, per_item):
         if ttype == "language_modeling":
             correct += sc[0][1]
         else:
             losses = [loss for loss, _ in sc]
-            correct += int(losses.index(min(losses)) == int(data[idx]["gold"]))
+            correct += int(losses.index(min(losses)) == int(items[i]["gold"]))
     correct, total = _all_reduce_sum([correct, len(mine)], device)
     return correct / max(total, 1)
 
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, batch_tokens=CORE_BATCH_TOKENS) -> dict:
-    """CORE: each task's accuracy, centered by its random baseline, averaged. Call on every rank."""
+    """CORE: each task's accuracy, centered by its random baseline, averaged. Call on every rank.
+    Returns {"core_metric", "results", "centered", "items" scored, "all_items" in the task files}."""
     bundle = Path(bundle) if bundle else ensure_bundle()
     tasks = parse_core_yaml((bundle / "core.yaml").read_text(encoding="utf-8"), str(bundle / "core.yaml"))
     baselines = load_baselines(bundle / "eval_meta_data.csv")
     was_training = model.training
     model.eval()
-    results, cent = {}, {}
+    results, cent, items, all_items = {}, {}, 0, 0
     for task in tasks:
         label = task["label"]
         if label not in baselines:
@@ -398,11 +409,21 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, batch_
         data = load_jsonl(bundle / "eval_data" / task["dataset_uri"], task["icl_task_type"])
         acc = evaluate_task(model, tokenizer, task, data, device, max_per_task, batch_tokens)
         results[label], cent[label] = acc, centered(acc, baselines[label])
+        items, all_items = items + len(core_order(len(data), max_per_task)), all_items + len(data)
         print0(f"{label:<40} acc {acc:.4f}  centered {cent[label]:+.4f}  ({time.time() - t0:.1f}s)")
     model.train(was_training)
     core = sum(cent.values()) / len(cent)
-    print0(f"CORE {core:.4f} (GPT-2 1.5B: {GPT2_XL_CORE})")
-    return {"core_metric": core, "results": results, "centered": cent}
+    what = "every item" if items == all_items else f"a subsample, at most {max_per_task} per task"
+    print0(f"CORE {core:.4f} over {len(tasks)} tasks, {items:,} of {all_items:,} items ({what}) | GPT-2 1.5B: {GPT2_XL_CORE}")
+    return {"core_metric": core, "results": results, "centered": cent, "items": items, "all_items": all_items}
+
+
+def core_report(res: dict) -> dict:
+    """CORE as the report records it: "CORE" only when every item of every task was scored (the
+    leaderboard's figure), else "CORE_subsample" with its size, so that the two are never confused."""
+    if res["items"] == res["all_items"]:
+        return {"CORE": res["core_metric"], "CORE_tasks": len(res["results"]), "CORE_items": res["items"]}
+    return {"CORE_subsample": res["core_metric"], "CORE_subsample_items": res["items"]}
 
 
 # ----------------------------------------------------------------------------- chat tasks: data
@@ -605,26 +626,23 @@ class MMLU(Task):
         return _grade_letter(item, completion)
 
 
-_NUMBER = r"-?\$?\s*(?:\d[\d,]*)?\.?\d+"
+# GSM8K is graded as the reference grades it (openai/grade-school-math's rule, which nanochat's chat_eval
+# uses): the first "#### " followed by [-0-9.,]+, commas removed, compared as a string with the gold's.
+# So "#### 18", "#### -7" and "#### 1,000" (= "1000") are read; "####18" (no space), "#### $18",
+# "#### $-7" and "#### eighteen" are not; "#### 18.00" and "#### 18." do not equal a gold "18"; and a
+# later "#### 18" cannot repair an earlier wrong one.
+GSM8K_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 
 
-def extract_answer(text: str):
-    """The number after the last '#### ' (commas and $ dropped), as a string; None if there is none."""
-    m = re.findall(r"####\s*(" + _NUMBER + ")", text)
-    if not m:
-        return None
-    s = re.sub(r"[,$\s]", "", m[-1])
-    return s
+def gsm8k_answer(text: str):
+    """The reference's reading of a '#### ' answer, as a string; None if there is none."""
+    m = GSM8K_ANSWER.search(text)
+    return m.group(1).replace(",", "") if m else None
 
 
-def same_number(a, b) -> bool:
-    """'18' == '18.00' == '18.'; anything unparsable only equals itself."""
-    if a is None or b is None:
-        return False
-    try:
-        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
-    except ValueError:
-        return a == b
+def gsm8k_grade(completion: str, gold) -> float:
+    pred = gsm8k_answer(completion)
+    return float(pred is not None and pred == gold)
 
 
 def gsm8k_parts(answer: str) -> list:
@@ -659,10 +677,10 @@ class GSM8K(Task):
         _need(row, ("question", "answer"), f"openai/gsm8k {self.split} row {i}")
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": gsm8k_parts(row["answer"])}],
-                "answer": extract_answer(row["answer"])}
+                "answer": gsm8k_answer(row["answer"])}
 
     def evaluate(self, item, completion):
-        return float(same_number(extract_answer(completion), item["answer"]))
+        return gsm8k_grade(completion, item["answer"])
 
 
 def extract_code(completion: str) -> str:
@@ -769,8 +787,8 @@ class SpellingBee(Task):
         return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}],
                 "answer": str(n), "word": w, "letter": l}
 
-    def evaluate(self, item, completion):
-        return float(same_number(extract_answer(completion), item["answer"]))
+    def evaluate(self, item, completion):  # nanochat grades SpellingBee by GSM8K's rule
+        return gsm8k_grade(completion, item["answer"])
 
 
 # ----------------------------------------------------------------------------- the toy world's tasks
@@ -779,13 +797,24 @@ class SpellingBee(Task):
 # knowledge from pretraining surfaced by finetuning), arithmetic word problems solved with the python
 # tool (ToyMath), and spelling and letter counting (ToySpell). All generative, baseline 0.
 
+_NUMBER = r"-?\$?\s*(?:\d[\d,]*)?\.?\d+"
+
+
 def last_number(text: str):
-    """The number after the last '####', else the last number in the text; None when there is none."""
-    ans = extract_answer(text)
-    if ans is None:
-        nums = re.findall(_NUMBER, text)
-        ans = re.sub(r"[,$\s]", "", nums[-1]) if nums else None
-    return ans
+    """The toy tasks' lenient reading (ours, no benchmark's): the number after the last '####' (with
+    $, commas and spaces dropped), else the last number in the text; None when there is none."""
+    found = re.findall(r"####\s*(" + _NUMBER + ")", text) or re.findall(_NUMBER, text)
+    return re.sub(r"[,$\s]", "", found[-1]) if found else None
+
+
+def same_number(a, b) -> bool:
+    """'18' == '18.00' == '18.'; anything unparsable only equals itself."""
+    if a is None or b is None:
+        return False
+    try:
+        return math.isclose(float(a), float(b), rel_tol=0, abs_tol=1e-6)
+    except ValueError:
+        return a == b
 
 
 class ToyFacts(Task):
@@ -881,10 +910,11 @@ def run_categorical(model, tokenizer, task, device, batch_size=8) -> tuple:
     """(correct, total) over the given task (view). The prediction is the answer letter with the largest
     logit at the answer position: other tokens cannot win, so a model that rambles still gets graded."""
     correct, items = 0, list(task)
-    max_len = getattr(getattr(model, "config", None), "sequence_len", None) or 1 << 30
     for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
-        prompts = [tokenizer.render_for_completion(it["messages"])[-max_len:] for it in batch]  # the answer slot is last
+        prompts = [tokenizer.render_for_completion(it["messages"]) for it in batch]
+        for n, p in enumerate(prompts):
+            check_fits(model, len(p), f"{task.name}: item {b + n}")
         T = max(len(p) for p in prompts)
         x = torch.zeros(len(batch), T, dtype=torch.long)
         for r, p in enumerate(prompts):
@@ -917,9 +947,8 @@ def run_generative(tokenizer, task, generate) -> tuple:
     for it in task:
         try:
             text = generate(tokenizer.render_for_completion(it["messages"]))
-        except ValueError as e:  # the prompt does not fit the context: a miss, not a crash
-            print(f"{task.name}: {e}", file=sys.stderr)
-            text = ""
+        except ValueError as e:  # the prompt leaves no room in the context: never cropped, so stop
+            raise EvalError(f"{task.name}: item {n}: {e}") from None
         correct += task.evaluate(it, text)
         n += 1
     return correct, n
@@ -1082,10 +1111,21 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
-def _metric(section: dict, row: str):
-    if row == "CORE":
-        return section.get("CORE", section.get("core_metric"))
-    return section.get(row)
+def leaderboard(base: dict) -> list:
+    """The time-to-GPT-2 rule, as report lines: the base model's training time (its optimizer steps only),
+    its final val bpb and its CORE over every item of every task, and whether that beats GPT-2 1.5B."""
+    core, sub, t = base.get("CORE"), base.get("CORE_subsample"), base.get("training_time_s")
+    core_text = f"{core:.4f} ({base.get('CORE_tasks')} tasks, {base.get('CORE_items', 0):,} items)" if core is not None else \
+        "not measured: run `evals.py core --source base`" + (f" (a subsample gave {sub:.4f}: not a leaderboard figure)" if sub is not None else "")
+    beats = "-" if core is None else "yes" if core > GPT2_XL_CORE else "no"
+    rows = [("training time (optimizer steps only)", f"{_fmt_time(t)} ({t:,.0f} s)" if t is not None else "-"),
+            ("GPUs", f"{base.get('gpu_count', '-')} x {base.get('gpu', '-')}"),
+            ("final val bpb", _fmt(base.get("val_bpb"))), ("CORE, every item", core_text),
+            (f"beats GPT-2 1.5B (CORE > {GPT2_XL_CORE})", beats),
+            ("code", f"git {base.get('git_commit', 'unknown')}" + (" with uncommitted changes" if base.get("git_dirty") else "")),
+            ("command", f"`{base.get('command', '-')}` ({base.get('launcher', '-')})"),
+            ("torch / CUDA", f"{base.get('torch', '-')} / {base.get('cuda', '-')}")]
+    return ["## Time to GPT-2", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
 
 
 def _fmt_time(s: float) -> str:
@@ -1112,13 +1152,15 @@ def assemble_report(gpu_hour_cost: float = 3.0) -> Path:
     stages = ["base", "mid", "sft", "rl"]
     rows = list(SUMMARY_ROWS) + [k for k in CHAT_TASKS if k not in SUMMARY_ROWS]
     rows += sorted({k for s in stages for k in sections.get(s, {}) if k.lower().startswith("toy") and k not in rows})
-    rows = [r for r in rows if r in SUMMARY_ROWS or any(_metric(sections.get(s, {}), r) is not None for s in stages)]
+    rows = [r for r in rows if r in SUMMARY_ROWS or any(sections.get(s, {}).get(r) is not None for s in stages)]
     md += ["## Summary", "", "| metric | BASE | MID | SFT | RL |", "| --- | --- | --- | --- | --- |"]
-    md += [f"| {r} | " + " | ".join(_fmt(_metric(sections.get(s, {}), r)) for s in stages) + " |" for r in rows] + [""]
+    md += [f"| {r} | " + " | ".join(_fmt(sections.get(s, {}).get(r)) for s in stages) + " |" for r in rows] + [""]
     total = sum(float(next((sec[k] for k in TIME_KEYS if isinstance(sec.get(k), (int, float))), 0)) for sec in sections.values())
     gpus = max([int(sec.get("world_size", 1) or 1) for sec in sections.values()] or [1])
     md += [f"Total wall clock: {_fmt_time(total)} ({total:.0f}s)",
            f"Estimated cost: ${total / 3600 * gpus * gpu_hour_cost:.2f} ({gpus} GPU x ${gpu_hour_cost:.2f}/GPU-hour)", ""]
+    if sections.get("base"):
+        md += leaderboard(sections["base"])
     curves = loss_curves()
     md += ["## Loss curves", ""]
     if not curves:
@@ -1195,7 +1237,7 @@ def main(argv=None):
                 ensure_bundle()  # one rank downloads; the others find it (the file lock covers races too)
             res = evaluate_core(model, tokenizer, device, args.max_per_task, batch_tokens=args.batch_tokens)
             if rank == 0:
-                write_section(args.source, {"core_metric": res["core_metric"], "core_eval_s": round(time.time() - t0, 1)})
+                write_section(args.source, {**core_report(res), "core_eval_s": round(time.time() - t0, 1)})
                 write_section(f"core_{args.source}", {**{f"acc/{k}": v for k, v in res["results"].items()},
                                                       **{f"centered/{k}": v for k, v in res["centered"].items()}})
         else:

@@ -81,6 +81,8 @@ d12|speedrun)
   stage "pretraining d$DEPTH on $NPROC GPU(s)"
   done_stage base || torchrun --standalone --nproc_per_node=$NPROC train.py --depth $DEPTH --tag $TAG \
       --core-metric-every 2000 $(resume_flag base $TAG)
+  stage "CORE over every item of every task: the leaderboard's figure (training's CORE is a subsample)"
+  has_metric base CORE || torchrun --standalone --nproc_per_node=$NPROC evals.py core --source base --tag $TAG
   stage "midtraining"
   done_stage mid || torchrun --standalone --nproc_per_node=$NPROC chat_sft.py --stage mid --model-tag $TAG --tag $TAG $(resume_flag mid $TAG)
   stage "supervised finetuning"

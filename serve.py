@@ -448,7 +448,7 @@ def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_
     base model (the last user message is continued as plain text)."""
     workers = [w if isinstance(w, Worker) else Worker(w, f"{next(w.model.parameters()).device}#{i}")
                for i, w in enumerate(workers)]
-    contexts = {w.engine.model.config.sequence_len for w in workers}
+    contexts = {w.engine.model.max_positions for w in workers}
     state = AppState(Pool(workers, max_queue, queue_timeout), model_name, completion, min(contexts), log_conversations)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES

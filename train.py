@@ -12,7 +12,7 @@ GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, tra
 TokenLoader, evaluate_bpb, save_checkpoint, load_checkpoint, load_model, checkpoint_root,
 last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
 """
-import argparse, bisect, contextlib, json, math, os, random, shutil, time
+import argparse, bisect, contextlib, json, math, os, random, shlex, shutil, subprocess, sys, time
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -31,6 +31,7 @@ LOGIT_SOFTCAP = 15.0      # logits = cap * tanh(logits / cap): keeps early train
 VOCAB_MULTIPLE = 64       # pad the embedding/lm_head rows so matmuls tile nicely
 VE_GATE_CHANNELS = 32     # the value-embedding gate looks at this many input channels
 ROPE_BASE = 10000.0
+ROPE_CONTEXT_MULT = 10    # the rotary table covers 10x the training length: evaluation prompts (CORE's 10-shot) are longer
 # Polar Express (Amsel et al. 2025) degree-5 coefficients, 5 iterations, safety factor 2e-2.
 POLAR_EXPRESS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -62,7 +63,7 @@ class GPTConfig:
     n_head: int = 6                # query heads
     n_kv_head: int = 6             # key/value heads (GQA when < n_head)
     n_embd: int = 768
-    window_pattern: str = "SSSL"   # per layer, tiled: S = a quarter of the context, L = full; last layer always L
+    window_pattern: str = "SSSL"   # per layer, tiled: S = a quarter of the context, L = all of it; last layer always L
 
     @property
     def head_dim(self) -> int:
@@ -90,12 +91,21 @@ class GPTConfig:
 
 
 def window_sizes(config: GPTConfig) -> list:
-    """Per layer: None (full causal attention) or w (query i sees keys i-w+1..i). Last layer always full."""
-    short = max(1, config.sequence_len // 4)
+    """Per layer, w: query i sees keys i-w+1..i. L layers see the whole training length, which at that
+    length is plain causal attention; on longer inputs (evaluation) no layer looks further back than it
+    was trained to. Last layer always L."""
+    short, full = max(1, config.sequence_len // 4), config.sequence_len
     pat = config.window_pattern.upper()
-    sizes = [short if pat[i % len(pat)] == "S" else None for i in range(config.n_layer)]
-    sizes[-1] = None
+    sizes = [short if pat[i % len(pat)] == "S" else full for i in range(config.n_layer)]
+    sizes[-1] = full
     return sizes
+
+
+def rotary_table(length: int, head_dim: int):
+    """(cos, sin), each (1, 1, length, head_dim/2) fp32, computed in fp64 so far positions stay exact."""
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return freqs.cos().float()[None, None], freqs.sin().float()[None, None]
 
 
 def has_value_embed(layer_idx: int, n_layer: int) -> bool:
@@ -114,14 +124,11 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def attention_mask(Tq: int, Tk: int, window, device):
+def attention_mask(Tq: int, Tk: int, window: int, device):
     """(Tq, Tk) bool, True = may attend. Queries are the last Tq of Tk positions (a KV cache holds the rest)."""
     q = torch.arange(Tk - Tq, Tk, device=device)[:, None]
     k = torch.arange(Tk, device=device)[None, :]
-    mask = k <= q
-    if window is not None:
-        mask = mask & (q - k < window)
-    return mask
+    return (k <= q) & (q - k < window)
 
 
 class CausalSelfAttention(nn.Module):
@@ -154,9 +161,9 @@ class CausalSelfAttention(nn.Module):
         Tk, gqa = k.size(2), nkv != nh
         if block_mask is not None:  # flex attention (compiled, CUDA): sliding windows skip whole blocks
             y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-        elif Tk == T and (window is None or window >= T):
+        elif Tk == T and window >= T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1 and (window is None or window >= Tk):
+        elif T == 1 and window >= Tk:
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything cached
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(T, Tk, window, x.device), enable_gqa=gqa)
@@ -199,8 +206,10 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))
         self._block_masks, self._flex_T = {}, None  # window -> flex BlockMask at length _flex_T (use_flex_attention)
-        self._rope_len = 0
-        self._set_rotary(config.sequence_len, torch.device("cpu"))
+        self.max_positions = ROPE_CONTEXT_MULT * config.sequence_len  # the longest input it can represent
+        cos, sin = rotary_table(self.max_positions, config.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (1, 1, max_positions, head_dim/2)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -221,14 +230,6 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
 
-    def _set_rotary(self, length, device):
-        hd = self.config.head_dim
-        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
-        freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (length, hd/2)
-        self.register_buffer("rope_cos", freqs.cos()[None, None], persistent=False)    # (1, 1, length, hd/2)
-        self.register_buffer("rope_sin", freqs.sin()[None, None], persistent=False)
-        self._rope_len = length
-
     def use_flex_attention(self, T: int, device):
         """Precompute flex BlockMasks for training at length T (call before torch.compile)."""
         self._block_masks = {w: make_block_mask(T, w, device) for w in set(self.window_sizes)}
@@ -239,8 +240,9 @@ class GPT(nn.Module):
         last_only: logits of the last position only (B, 1, vocab_size), all a prefill needs."""
         B, T = idx.shape
         pos = kv_cache.pos if kv_cache is not None else 0
-        if pos + T > self._rope_len or self.rope_cos.device != idx.device:  # eager paths only (engine, CPU)
-            self._set_rotary(max(pos + T, self.config.sequence_len), idx.device)
+        if pos + T > self.max_positions:  # never cropped: the caller learns the input is too long
+            raise ValueError(f"{pos + T} tokens is longer than the model can represent: {self.max_positions} positions "
+                             f"({ROPE_CONTEXT_MULT} x its training length {self.config.sequence_len})")
         cos, sin = self.rope_cos[:, :, pos:pos + T], self.rope_sin[:, :, pos:pos + T]
         flex = kv_cache is None and T == self._flex_T
         x = norm(self.wte(idx))  # (B, T, C)
@@ -270,13 +272,13 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 x matmul params, plus attention scores and values
         (12 x heads x head_dim x attended length per layer, the window where one applies)."""
         cfg, T = self.config, self.config.sequence_len
-        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w or T, T) for w in self.window_sizes)
+        attn = sum(12 * cfg.n_head * cfg.head_dim * min(w, T) for w in self.window_sizes)
         return 6 * self.num_scaling_params() + attn
 
 
-def make_block_mask(T: int, window, device):
+def make_block_mask(T: int, window: int, device):
     def mask_mod(b, h, q, k):
-        return (k <= q) & (q - k < window) if window is not None else k <= q
+        return (k <= q) & (q - k < window)
     return create_block_mask(mask_mod, None, None, T, T, device=str(device))
 
 
@@ -591,29 +593,23 @@ def sample_greedy(model, tokenizer, prompts, max_new_tokens=16, device="cpu") ->
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
         for _ in range(max_new_tokens):
-            ctx = torch.tensor([ids[-model.config.sequence_len:]], device=device)
+            ctx = torch.tensor([ids], device=device)
             ids.append(int(model(ctx)[0, -1].argmax()))
         out.append(tokenizer.decode(ids[1:]))
     return out
 
 
-def core_metric(model, tokenizer, device, max_per_task=500):
-    """CORE through evals.py (imported here: evals imports train). None, with a notice, if it is missing."""
+def core_metric(model, tokenizer, device, max_per_task=500) -> dict | None:
+    """CORE through evals.py (imported here: evals imports train), as report keys (evals.core_report:
+    "CORE" when every item was scored, else "CORE_subsample"). None, with a notice, if it cannot run."""
     try:
         import evals
+        return evals.core_report(evals.evaluate_core(model, tokenizer, device, max_per_task=max_per_task))
     except ImportError:
         print0("CORE: evals.py not found, skipping")
-        return None
-    fn = getattr(evals, "evaluate_core", None)
-    if fn is None:
-        print0("CORE: evals.evaluate_core not found, skipping")
-        return None
-    try:
-        res = fn(model, tokenizer, device, max_per_task=max_per_task)
     except Exception as e:  # e.g. offline without the eval bundle: training results still stand
         print0(f"CORE: skipped ({type(e).__name__}: {e})")
-        return None
-    return float(res["core_metric"] if isinstance(res, dict) else res)
+    return None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -791,6 +787,25 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def provenance(device, world_size: int, command: str) -> dict:
+    """Where a run's figures come from, kept in its checkpoints and its report: the code (git commit, and
+    whether tracked files differed from it), the command and launcher, torch and CUDA, the GPUs."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cuda = device.type == "cuda"
+    return {"git_commit": commit or "unknown", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "command": command,
+            "launcher": f"torchrun, {world_size // per_node} node(s) x {per_node}" if "TORCHELASTIC_RUN_ID" in os.environ else "python",
+            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "gpu": torch.cuda.get_device_name(device) if cuda else "none", "gpu_count": world_size if cuda else 0,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 def peak_flops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -906,14 +921,14 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     try:
-        return pretrain(args)
+        return pretrain(args, shlex.join(["train.py", *(sys.argv[1:] if argv is None else argv)]))
     except tok.DataError as e:  # bad --data: one line, not a traceback from deep in the loader
         raise SystemExit(str(e)) from None
     finally:
         compute_cleanup()
 
 
-def pretrain(args):
+def pretrain(args, command="train.py"):
     rank, local_rank, ws, device = compute_init(args.device)
     master = rank == 0
     try:
@@ -986,7 +1001,7 @@ def pretrain(args):
 
     def save(step):
         meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
-                "train": train_meta, "args": vars(args), "num_params": sum(p.numel() for p in raw_model.parameters()),
+                "train": train_meta, "args": vars(args), "provenance": prov, "num_params": sum(p.numel() for p in raw_model.parameters()),
                 "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "timed_steps": timed_steps, "val_bpb": val_bpb,
                          "min_val_bpb": min_val_bpb}}
         rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
@@ -996,7 +1011,10 @@ def pretrain(args):
 
     num_params = sum(p.numel() for p in raw_model.parameters())
     peak = peak_flops(device)
+    prov = provenance(device, ws, command)
     print0(f"model: {config} | {num_params:,} params, {num_scaling:,} scaling | {flops_per_token:.3g} FLOPs/token")
+    print0(f"code: git {prov['git_commit'][:12]}{' with uncommitted changes' if prov['git_dirty'] else ''} | "
+           f"{prov['launcher']} | torch {prov['torch']}, CUDA {prov['cuda']} | GPU: {prov['gpu_count']} x {prov['gpu']}")
     print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
            f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
            f"{ws} rank(s) on {device} | {'bf16' if use_bf16 else 'fp32'}{' compiled' if compiled else ''}")
@@ -1031,8 +1049,7 @@ def pretrain(args):
                 core = core_metric(raw_model, tokenizer, device, args.core_metric_max_per_task)
             raw_model.train()
             if core is not None:
-                print0(f"step {step:05d} | CORE {core:.4f}")
-                log({"step": step, "core_metric": core})
+                log({"step": step, **core})
         if stop:
             break
 
@@ -1067,10 +1084,10 @@ def pretrain(args):
     if master and step == num_iterations:
         avg_tok_s = args.total_batch_size * timed_steps / train_time if train_time > 0 else None
         avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and use_bf16) else None
-        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "core_metric": core,
+        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, **(core or {}),
                   "mfu": avg_mfu, "tok_per_s": avg_tok_s, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
                   "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
-                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device)}
+                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device), **prov}
         tok.write_report("base", report)
     if wandb_run is not None:
         wandb_run.finish()

@@ -1,6 +1,7 @@
 """engine.py: sandbox containment, the arithmetic fast path, sampling, the KV cache, streaming,
 the tool-use state machine (with a scripted fake model), and KV-cache decoding against a full
 forward pass of real random models (fp32, CPU)."""
+import os
 import subprocess
 import time
 import types
@@ -44,6 +45,7 @@ class ScriptedModel(torch.nn.Module):
         self.script, self.tok = script, tok
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.config = types.SimpleNamespace(n_layer=n_layer, sequence_len=sequence_len)
+        self.max_positions = sequence_len
         self.seen, self.calls = None, []
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
@@ -140,6 +142,38 @@ def test_sandbox_cannot_write_files(tmp_path):
     # reading is still allowed
     r = engine.execute_code(f"open({str(tmp_path / 'keep')!r}).read()")
     assert r.success and r.stdout.strip() == "'keep'"
+
+
+def test_sandbox_runs_the_standard_library_and_writes_only_its_own_directory(tmp_path):
+    code = ("import random, statistics, logging, threading, queue, secrets, tempfile, os, shutil, signal\n"
+            "from concurrent.futures import ThreadPoolExecutor\n"
+            "r = []\nts = [threading.Thread(target=r.append, args=(i,)) for i in range(8)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "with ThreadPoolExecutor(4) as ex: assert list(ex.map(abs, [-1, -2])) == [1, 2]\n"
+            "with tempfile.NamedTemporaryFile('w+') as f:\n    f.write('abc'); f.seek(0); assert f.read() == 'abc'\n"
+            "d = tempfile.mkdtemp(); open(os.path.join(d, 'x'), 'w').write('y'); shutil.rmtree(d)\n"
+            "os.makedirs('a/b'); os.rename('a/b', 'a/c'); os.rmdir('a/c')\n"
+            "logging.getLogger('t').warning('w'); queue.Queue().put(1)\n"
+            "print(sorted(r), statistics.median([3, 1, 2]), len(secrets.token_hex(4)), random.Random(1).randint(0, 9))\n"
+            "os.getcwd()")
+    r = engine.execute_code(code)
+    assert r.success, r.error
+    out, cwd = r.stdout.splitlines()
+    assert out == "[0, 1, 2, 3, 4, 5, 6, 7] 2 8 2" and "speedchat_sandbox_" in cwd
+    assert not os.path.exists(cwd.strip("'"))  # the private directory is removed afterwards
+    for code in (f"import shutil\nshutil.copy('/etc/hostname', {str(tmp_path / 'c')!r})",
+                 f"import os\nos.mkdir({str(tmp_path / 'd')!r})", f"import io\nio.FileIO({str(tmp_path / 'f')!r}, 'w')",
+                 f"import os\nos.rename({str(tmp_path / 'keep')!r}, 'mine')"):
+        (tmp_path / "keep").write_text("keep")
+        r = engine.execute_code(code)
+        assert not r.success and "PermissionError" in r.error, (code, r)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_sandbox_early_exit_is_a_failure():
+    for code in ("import sys\nsys.exit(0)", "raise SystemExit", "import os\nos._exit(0)", "print('x')\nimport sys\nsys.exit()"):
+        r = engine.execute_code(code)
+        assert not r.success and r.error, code
 
 
 def test_sandbox_has_no_network():

@@ -24,6 +24,7 @@ class NgramLM(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(sequence_len=seq_len)
+        self.max_positions = seq_len
         self.V, self.n, self.table, self.max_T = vocab_size, n, {}, 0
         for ids in liked:
             for t in range(1, len(ids)):
@@ -34,7 +35,7 @@ class NgramLM(torch.nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
-        assert T <= self.config.sequence_len, "evals must truncate to the model's sequence_len"
+        assert T <= self.max_positions, "evals must refuse what the model cannot represent"
         self.max_T = max(self.max_T, T)
         rows, bi, ti, vi = idx.tolist(), [], [], []
         for b in range(B):
@@ -219,14 +220,31 @@ def test_render_language_modeling_with_fewshot():
     assert with_ == without + "water"
 
 
-def test_fewshot_excludes_the_item_and_is_fixed():
-    data = [{"i": i} for i in range(10)]
-    for idx in range(10):
-        shots = evals.fewshot_for(data, idx, 5)
-        assert len(shots) == 5 and {"i": idx} not in shots and len({s["i"] for s in shots}) == 5
-        assert shots == evals.fewshot_for(data, idx, 5)  # the same on every rank and run
-    assert sorted(s["i"] for s in evals.fewshot_for(data[:3], 0, 10)) == [1, 2]  # asks for more than there are
-    assert evals.fewshot_for(data, 3, 0) == []
+def test_item_order_and_fewshot_follow_the_reference():
+    # literal lists, worked out once from the rule: shuffle with random.Random(1337), keep the first N,
+    # item at kept position i draws random.Random(1234 + i).sample(the other kept positions, k)
+    assert evals.core_order(10) == [0, 3, 7, 2, 1, 6, 4, 5, 8, 9]
+    assert evals.core_order(50, 8) == [2, 1, 20, 17, 48, 29, 8, 18]
+    assert evals.core_order(1000, 100)[:6] == [239, 310, 101, 624, 1, 628] and len(evals.core_order(1000, 100)) == 100
+    for n, per_task, i, k, want in [(10, -1, 0, 3, [8, 7, 3]), (10, -1, 7, 5, [8, 2, 7, 4, 3]), (50, 8, 2, 5, [29, 48, 8, 17, 18]),
+                                    (50, 8, 7, 7, [48, 8, 17, 1, 29, 20, 2]),
+                                    (1000, 100, 42, 10, [610, 997, 834, 214, 915, 410, 737, 289, 457, 509])]:
+        kept = evals.core_order(n, per_task)  # file indices stand in for the items
+        assert evals.fewshot_for(kept, i, k) == want, (n, per_task, i, k)
+        assert kept[i] not in want
+    assert evals.fewshot_for([0, 1, 2], 0, 10) == [2, 1]  # asks for more than there are: all the others
+    assert evals.fewshot_for(list(range(10)), 3, 0) == []
+
+
+def test_a_subsample_scores_the_reference_items_with_their_examples(core_setup, monkeypatch):
+    root, t, model, _ = core_setup
+    task = evals.parse_core_yaml(CORE_YAML)[0]  # mc_task, 2-shot
+    data = evals.load_jsonl(root / "eval_data" / "mc" / "mc.jsonl", "multiple_choice")
+    seen, real = [], evals.core_sequences
+    monkeypatch.setattr(evals, "core_sequences", lambda tt, item, shots, d, tk: seen.append((item, shots)) or real(tt, item, shots, d, tk))
+    evals.evaluate_task(model, t, task, data, "cpu", max_per_task=3)
+    want = [(0, [3, 5]), (5, [3, 0]), (3, [5, 0])]  # core_order(7, 3) and each position's draw
+    assert seen == [(data[i], [data[j] for j in shots]) for i, shots in want]
 
 
 def test_spans_cover_exactly_the_scored_text(core_setup):
@@ -282,12 +300,30 @@ def test_scoring_agrees_with_a_plain_loop(core_setup):
         assert ok == all(int(logits[p - 1].argmax()) == ids[p] for p in range(s, e))
 
 
-def test_long_prompts_are_truncated_from_the_left(core_setup):
-    root, t, model, liked = core_setup
-    short = NgramLM([t.encode(s, prepend=t.bos_id) for s in liked], t.vocab_size, seq_len=12)
-    res = evals.evaluate_core(short, t, "cpu", bundle=root)  # few-shot prompts are far longer than 12 tokens
-    assert short.max_T == 12
-    assert res["results"]["lm_task"] == pytest.approx(4 / 7)  # the answer end survives: 3-token contexts suffice
+class FirstTokenGate(NgramLM):
+    """NgramLM that knows its answers only when the row starts with <|bos|>: cropping any prompt from
+    the left (as a model's sequence_len would tempt) makes it guess."""
+
+    def __init__(self, liked, tokenizer, seq_len, max_positions):
+        super().__init__(liked, tokenizer.vocab_size, seq_len=seq_len)
+        self.max_positions, self.bos = max_positions, tokenizer.bos_id
+
+    def forward(self, idx, **kw):
+        out = super().forward(idx, **kw)
+        return out * (idx[:, :1] == self.bos).unsqueeze(-1)
+
+
+def test_long_prompts_are_scored_whole_and_too_long_ones_stop(core_setup):
+    root, t, _, liked = core_setup
+    ids = [t.encode(s, prepend=t.bos_id) for s in liked]
+    model = FirstTokenGate(ids, t, seq_len=12, max_positions=4096)
+    res = evals.evaluate_core(model, t, "cpu", bundle=root)
+    assert model.max_T > 12  # few-shot prompts are far longer than the training length, and ran whole
+    assert res["results"] == pytest.approx({"mc_task": 4 / 7, "schema_task": 4 / 7, "lm_task": 4 / 7})
+    tight = FirstTokenGate(ids, t, seq_len=12, max_positions=20)
+    with pytest.raises(evals.EvalError, match=r"mc_task: item \d+ of mc/mc\.jsonl is \d+ tokens; this model represents at most 20"):
+        evals.evaluate_core(tight, t, "cpu", bundle=root)
+    assert tight.max_T == 0  # refused before any forward
 
 
 def test_bad_bundle_files_are_named(tmp_path):
@@ -397,6 +433,7 @@ class LetterModel(torch.nn.Module):
         super().__init__()
         self.w, self.t = torch.nn.Parameter(torch.zeros(1)), t
         self.config = SimpleNamespace(sequence_len=1024)
+        self.max_positions = 1024
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         out = torch.zeros(*idx.shape, self.t.vocab_size)
@@ -445,27 +482,37 @@ def test_spelling_bee_items_are_right_and_render():
         assert sum(mask) > 0
 
 
-@pytest.mark.parametrize("text, want", [
-    ("so 1,234 in all.\n#### 1,234", "1234"),
-    ("She owes #### -5.", "-5"),
-    ("#### 3.50 dollars", "3.5"),
-    ("first #### 4, then fixed: #### 7 (final)", "7"),
-    ("#### $18", "18"),
-    ("####18.", "18"),
-    ("#### .5", "0.5"),
-    ("#### -0.75", "-0.75"),
-    ("#### 1,000,000.25 total", "1000000.25"),
-])
-def test_gsm8k_answer_extraction(text, want):
-    got = evals.extract_answer(text)
-    assert evals.same_number(got, want), (text, got)
+# (completion, gold, grade) as the reference grades GSM8K: the first "#### " then [-0-9.,]+, commas
+# removed, compared as strings
+GSM8K_GRADES = [
+    ("#### 18", "18", 1), ("So 6 * 3 = 18 apples.\n#### 18", "18", 1), ("#### 18 dollars", "18", 1),
+    ("#### 18\n#### 17", "18", 1), ("#### 17\n#### 18", "18", 0),          # the first marker counts
+    ("#### 18.00", "18", 0), ("#### 18.", "18", 0),                          # strings, not numbers
+    ("####18", "18", 0), ("#### $18", "18", 0), ("#### eighteen", "18", 0),   # not read at all
+    ("the answer is 18", "18", 0), ("", "18", 0),
+    ("#### -7", "-7", 1), ("#### $-7", "-7", 0), ("#### - 7", "-7", 0),
+    ("#### 1,000", "1000", 1), ("#### 1000", "1000", 1), ("#### 1 000", "1000", 0),
+    ("#### 3.5", "3.5", 1), ("#### 3.50", "3.5", 0),
+]
 
 
-def test_gsm8k_extraction_misses():
-    assert evals.extract_answer("the answer is 42") is None
-    assert evals.extract_answer("#### forty-two") is None
-    assert not evals.same_number(evals.extract_answer("#### 41.9"), "42")
-    assert not evals.same_number(None, "42")
+@pytest.mark.parametrize("completion, gold, grade", GSM8K_GRADES)
+def test_gsm8k_grades_as_the_reference(completion, gold, grade):
+    assert evals.gsm8k_grade(completion, gold) == grade
+    item = {"messages": [], "answer": gold}
+    assert evals.GSM8K.evaluate(None, item, completion) == grade
+
+
+def test_gsm8k_gold_answers_and_misses():
+    assert evals.gsm8k_answer("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 1,234") == "1234"
+    assert evals.gsm8k_answer("no marker here") is None
+    assert evals.gsm8k_grade("no marker", None) == 0.0  # nothing read never matches, not even nothing
+
+
+def test_toy_tasks_read_numbers_leniently():
+    assert evals.last_number("so #### $18.00") == "18.00" and evals.same_number("18.00", "18")
+    assert evals.last_number("first #### 4, then #### 7 (final)") == "7"
+    assert evals.last_number("it is 3 then 12") == "12" and evals.last_number("none") is None
 
 
 def test_gsm8k_calculator_calls_become_python_parts():
@@ -489,6 +536,51 @@ def test_humaneval_right_and_wrong_completions():
     assert evals.HumanEval.evaluate(None, helper, "```python\ndef hyp(a, b):\n    return (sq(a) + sq(b)) ** 0.5\n```") == 1.0
     assert grade("```python\ndef hyp(a, b):\n    return a + b\n```") == 0.0
     assert grade("not code at all") == 0.0
+
+
+# Real-shaped HumanEval problems (our own) whose solutions need the standard library: (prompt,
+# canonical solution, test, entry point). A program is prompt + completion + test + check(entry_point).
+HE_STDLIB = [
+    ("import random\n\n\ndef shuffled_sum(xs, seed):\n    \"\"\"Sum of xs after a seeded shuffle.\"\"\"\n",
+     "    ys = list(xs)\n    random.Random(seed).shuffle(ys)\n    return sum(ys)\n",
+     "import random\n\n\ndef check(candidate):\n    rng = random.Random(42)\n    for _ in range(50):\n"
+     "        xs = [rng.randint(-50, 50) for _ in range(rng.randint(0, 9))]\n        assert candidate(xs, rng.random()) == sum(xs)\n",
+     "shuffled_sum"),
+    ("import statistics\n\n\ndef spread(xs):\n    \"\"\"(median, population standard deviation) of xs.\n"
+     "    >>> spread([1, 2, 3])\n    (2, 0.816496580927726)\n    \"\"\"\n",
+     "    return statistics.median(xs), statistics.pstdev(xs)\n",
+     "def check(candidate):\n    m, s = candidate([1, 2, 3])\n    assert m == 2 and abs(s - 0.816496580927726) < 1e-9\n"
+     "    assert candidate([5, 5]) == (5, 0)\n",
+     "spread"),
+    ("import threading\nfrom concurrent.futures import ThreadPoolExecutor\n\n\ndef squares(xs):\n"
+     "    \"\"\"Squares of xs, computed by worker threads, in order.\"\"\"\n",
+     "    out, lock = {}, threading.Lock()\n    def work(i):\n        with lock:\n            out[i] = xs[i] ** 2\n"
+     "    with ThreadPoolExecutor(4) as ex:\n        list(ex.map(work, range(len(xs))))\n"
+     "    t = threading.Thread(target=lambda: None)\n    t.start()\n    t.join()\n    return [out[i] for i in range(len(xs))]\n",
+     "import queue, logging\n\n\ndef check(candidate):\n    logging.getLogger('he').info('checking')\n"
+     "    q = queue.Queue()\n    q.put([1, 2, 3])\n    assert candidate(q.get()) == [1, 4, 9]\n    assert candidate([]) == []\n",
+     "squares"),
+    ("import os\nimport tempfile\n\n\ndef roundtrip(text):\n    \"\"\"Write text to a temporary file, read it back.\"\"\"\n",
+     "    with tempfile.TemporaryDirectory() as d:\n        path = os.path.join(d, 'note.txt')\n"
+     "        with open(path, 'w') as f:\n            f.write(text)\n        with open(path) as f:\n            back = f.read()\n"
+     "    with tempfile.NamedTemporaryFile('w+') as f:\n        f.write(text)\n        f.seek(0)\n        assert f.read() == back\n"
+     "    return back\n",
+     "import secrets\n\n\ndef check(candidate):\n    for text in ('', 'hello', secrets.token_hex(8)):\n        assert candidate(text) == text\n",
+     "roundtrip"),
+]
+EARLY_EXITS = ["    import sys\n    sys.exit(0)\n", "    raise SystemExit\n", "    import os\n    os._exit(0)\n",
+               "```python\nimport unittest\nunittest.main()\n```", "```python\nimport sys\nsys.exit(0)\n```",
+               "    return 0\nimport os\nos._exit(0)\n", "    raise KeyboardInterrupt\n"]
+
+
+@pytest.mark.parametrize("prompt, solution, test, entry", HE_STDLIB, ids=[p[3] for p in HE_STDLIB])
+def test_humaneval_solutions_that_need_the_standard_library_pass(prompt, solution, test, entry):
+    item = {"prompt": prompt, "test": test, "entry_point": entry}
+    assert evals.HumanEval.evaluate(None, item, solution) == 1.0
+    assert evals.HumanEval.evaluate(None, item, f"```python\n{prompt}{solution}```") == 1.0  # the whole function
+    assert evals.humaneval_program(item, solution) == f"{prompt}{solution}\n\n{test}\n\ncheck({entry})\n"
+    for wrong in EARLY_EXITS:  # exits before check has run (or inside it): never a pass
+        assert evals.HumanEval.evaluate(None, item, wrong) == 0.0, wrong
 
 
 def test_generative_eval_and_chatcore():
@@ -567,7 +659,8 @@ def test_report_with_missing_sections(tmp_path):
     text = out.read_text()
     assert "## Base model\n\n-" in text and "| CORE | - | - | - | - |" in text and "## Loss curves\n\n-" in text
     tok.write_report("tokenizer", {"vocab_size": 600, "train_seconds": 1800})
-    tok.write_report("base", {"val_bpb": 0.91, "core_metric": 0.2, "mfu": 40.5, "training_time_s": 5400, "world_size": 8})
+    tok.write_report("base", {"val_bpb": 0.91, "CORE_subsample": 0.31, "CORE_subsample_items": 2000, "mfu": 40.5,
+                              "training_time_s": 5400, "world_size": 8})
     evals.write_section("sft", {"ARC-Easy": 0.4, "ChatCORE": 0.1})
     evals.write_section("sft", {"GSM8K": 0.05, "ToyFacts": 0.7})  # merged, not replaced
     (tok.home() / "report" / "rl.json").write_text("{torn")  # a broken section shows as missing
@@ -575,7 +668,17 @@ def test_report_with_missing_sections(tmp_path):
     log.parent.mkdir(parents=True)
     log.write_text("".join(json.dumps({"step": s, "loss": 5 - s / 10}) + "\n" for s in range(30)) + '{"step": 30, "lo')
     text = evals.assemble_report(gpu_hour_cost=2.0).read_text()
-    assert "| CORE | 0.2000 | - | - | - |" in text
+    assert "| CORE | - | - | - | - |" in text  # a subsample is never the summary's CORE
+    assert "| CORE, every item | not measured: run `evals.py core --source base` (a subsample gave 0.3100: not a leaderboard figure) |" in text
+    assert "| beats GPT-2 1.5B (CORE > 0.256525) | - |" in text and "| training time (optimizer steps only) | 1h30m (5,400 s) |" in text
+    evals.write_section("base", {"CORE": 0.2612, "CORE_tasks": 22, "CORE_items": 91037, "gpu": "NVIDIA H100 80GB HBM3",
+                                 "gpu_count": 8, "git_commit": "abc123", "git_dirty": True, "command": "train.py --depth 24",
+                                 "launcher": "torchrun, 1 node(s) x 8", "torch": "2.11.0", "cuda": "13.0"})
+    text = evals.assemble_report(gpu_hour_cost=2.0).read_text()
+    assert "| CORE | 0.2612 | - | - | - |" in text and "| CORE, every item | 0.2612 (22 tasks, 91,037 items) |" in text
+    assert "| beats GPT-2 1.5B (CORE > 0.256525) | yes |" in text and "| GPUs | 8 x NVIDIA H100 80GB HBM3 |" in text
+    assert "| code | git abc123 with uncommitted changes |" in text and "| final val bpb | 0.9100 |" in text
+    assert "| command | `train.py --depth 24` (torchrun, 1 node(s) x 8) |" in text and "| torch / CUDA | 2.11.0 / 13.0 |" in text
     assert "| ARC-Easy | - | - | 0.4000 | - |" in text and "| GSM8K | - | - | 0.0500 | - |" in text
     assert "| ToyFacts | - | - | 0.7000 | - |" in text and "| ChatCORE | - | - | 0.1000 | - |" in text
     assert "| val_bpb | 0.9100 |" in text and "## RL\n\n-" in text and "## Midtraining\n\n-" in text
@@ -583,6 +686,43 @@ def test_report_with_missing_sections(tmp_path):
     assert re.search(r"- base: `[▁▂▃▄▅▆▇█]+` 5\.000 -> 2\.100 \(30 steps\)", text)
     for k in ("CPU:", "torch:", "git commit:", "date:", "lines:", "dependencies:"):
         assert k in text
+
+
+def test_speedrun_full_core_path_on_a_tiny_model(tmp_path, speedchat_home):
+    """The speedrun preset's last base-model stage (run.sh: `evals.py core --source base --tag $TAG`) on a
+    tiny model trained here, with a tiny bundle in place, then the report's time-to-GPT-2 section."""
+    import shlex, subprocess, sys
+    import train
+    from _helpers_train import make_corpus, make_tokenizer as make_train_tokenizer
+    root = Path(__file__).resolve().parents[1]
+    stage = re.search(r"^.*evals\.py core --source base --tag \$TAG$", (root / "run.sh").read_text(), re.M)
+    assert stage and "--max-per-task" not in stage.group(0)  # the preset scores every item
+    write_bundle(speedchat_home / "eval_bundle")  # where ensure_bundle looks first: no download
+    make_train_tokenizer()
+    corpus = make_corpus(tmp_path / "corpus.jsonl", 600, max_words=20)
+    train.main(["--depth", "1", "--n-embd", "64", "--n-head", "2", "--max-seq-len", "32", "--device-batch-size", "4",
+                "--total-batch-size", "256", "--num-iterations", "3", "--eval-every", "-1", "--eval-tokens", "256",
+                "--sample-every", "-1", "--core-metric-every", "-1", "--core-metric-max-per-task", "3",
+                "--data", str(corpus), "--tag", "t"])
+    base = json.loads((speedchat_home / "report" / "base.json").read_text())
+    assert base["CORE_subsample_items"] == 9 and "CORE" not in base  # training's CORE: 3 items a task, labeled
+    env = {**os.environ, "SPEEDCHAT_HOME": str(speedchat_home)}
+    cmd = shlex.split(stage.group(0).split("||")[-1].replace("$TAG", "t"))
+    cmd = [sys.executable, *cmd[cmd.index("evals.py"):]]  # as the preset runs it, on one CPU process
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "over 3 tasks, 21 of 21 items (every item)" in run.stdout
+    base = json.loads((speedchat_home / "report" / "base.json").read_text())
+    assert base["CORE_tasks"] == 3 and base["CORE_items"] == 21 and -3 <= base["CORE"] <= 1
+    assert base["CORE_subsample_items"] == 9  # kept beside it, never mixed up
+    out = subprocess.run([sys.executable, "evals.py", "report"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (speedchat_home / "report" / "report.md").read_text()
+    assert f"| CORE, every item | {base['CORE']:.4f} (3 tasks, 21 items) |" in text
+    assert f"| beats GPT-2 1.5B (CORE > 0.256525) | {'yes' if base['CORE'] > 0.256525 else 'no'} |" in text
+    assert f"| final val bpb | {base['val_bpb']:.4f} |" in text
+    assert re.search(r"\| training time \(optimizer steps only\) \| \d+m\d\ds \([\d,]+ s\) \|", text)
+    assert f"| code | git {base['git_commit']}" in text and "| GPUs | 0 x none |" in text and "`train.py --depth 1" in text
 
 
 def test_sparkline():
@@ -621,7 +761,8 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(core_setup, capsys):
     evals.main(["core", "--source", "base", "--device", "cpu", "--max-per-task", "4"])
     evals.main(["chat", "--source", "base", "--device", "cpu", "-a", "SpellingBee", "--max-problems", "2", "--max-new-tokens", "4"])
     sec = json.loads((tok.home() / "report" / "base.json").read_text())
-    assert -3 <= sec["core_metric"] <= 1 and sec["SpellingBee"] in (0.0, 0.5, 1.0) and sec["ChatCORE"] == sec["SpellingBee"]
+    assert -3 <= sec["CORE_subsample"] <= 1 and sec["CORE_subsample_items"] == 12 and "CORE" not in sec  # 4 a task: labeled
+    assert sec["SpellingBee"] in (0.0, 0.5, 1.0) and sec["ChatCORE"] == sec["SpellingBee"]
     detail = json.loads((tok.home() / "report" / "core_base.json").read_text())
     assert set(detail) == {f"{k}/{n}" for k in ("acc", "centered") for n in ("mc_task", "schema_task", "lm_task")}
     assert "CORE" in capsys.readouterr().out

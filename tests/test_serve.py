@@ -75,6 +75,7 @@ class NeverStops(torch.nn.Module):
     def __init__(self, inner, n_plain, delay=0.0):
         super().__init__()
         self.inner, self.config, self.n_plain, self.delay, self.calls = inner, inner.config, n_plain, delay, 0
+        self.max_positions = inner.max_positions
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
         self.calls += 1
@@ -93,6 +94,7 @@ class ScriptedModel(torch.nn.Module):
         self.o_start, self.o_end = tokenizer.special("<|output_start|>"), tokenizer.special("<|output_end|>")
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.config = types.SimpleNamespace(n_layer=1, sequence_len=sequence_len)
+        self.max_positions = sequence_len
         self.prompts, self.delay = [], 0.0  # every prompt it was given; seconds per step
 
     def forward(self, idx, targets=None, kv_cache=None, last_only=False):
@@ -302,7 +304,7 @@ BAD = [  # (body, the field the error must name)
     ({"messages": [msg("hi")], "max_tokens": True}, "max_tokens"),
     ({"messages": [msg("hi")], "seed": "1"}, "seed"),
     ({"messages": [msg("hi")], "stream": "yes"}, "stream"),
-    ({"messages": [msg("the cat " * 200)]}, "messages"),  # longer than the model's context
+    ({"messages": [msg("the cat " * 999)]}, "messages"),  # longer than the model's context (10 x 128 positions)
 ]
 
 
@@ -331,11 +333,12 @@ def test_numbers_are_clamped_to_the_documented_ranges(model, tokenizer):
     s = serve.parse_settings({"temperature": -1, "top_k": 10 ** 6, "top_p": 7, "max_tokens": 0}, "openai")
     assert (s["temperature"], s["top_k"], s["top_p"], s["max_tokens"]) == (0.0, 200, 1.0, 1)
     assert serve.parse_settings({"max_completion_tokens": 3, "max_tokens": 9}, "openai")["max_tokens"] == 3
-    client = app_for(NeverStops(model, len(tokenizer.vocab)), tokenizer).test_client()
+    short = tiny_gpt(tokenizer, sequence_len=16)  # represents 160 positions
+    client = app_for(NeverStops(short, len(tokenizer.vocab)), tokenizer).test_client()
     one = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 0}).json
     assert one["usage"]["completion_tokens"] == 1 and one["choices"][0]["finish_reason"] == "length"
     full = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 10 ** 9, "temperature": 50}).json
-    assert full["usage"]["total_tokens"] == CONTEXT  # never past the context
+    assert full["usage"]["total_tokens"] == short.max_positions == 160  # never past the context
 
 
 def test_oversized_body_and_unknown_paths_are_json_errors(model, tokenizer):

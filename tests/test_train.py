@@ -55,9 +55,9 @@ def test_sliding_window_layer_attends_to_exactly_its_window():
 
 def test_window_pattern_and_padding():
     cfg = train.GPTConfig(sequence_len=64, vocab_size=301, n_layer=8, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
-    assert train.window_sizes(cfg) == [16, 16, 16, None, 16, 16, 16, None]
+    assert train.window_sizes(cfg) == [16, 16, 16, 64, 16, 16, 16, 64]
     cfg2 = train.GPTConfig(sequence_len=64, vocab_size=301, n_layer=3, n_head=2, n_kv_head=2, n_embd=64, window_pattern="S")
-    assert train.window_sizes(cfg2) == [16, 16, None]  # the last layer is always full
+    assert train.window_sizes(cfg2) == [16, 16, 64]  # the last layer always sees the whole training length
     m = train.GPT(cfg)
     assert m.wte.weight.shape[0] == m.lm_head.weight.shape[0] == 320
     assert m(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 301)
@@ -81,6 +81,23 @@ def test_kv_cache_decoding_matches_full_forward():
         parts.append(model(x[:, t:t + 1], kv_cache=cache))
     assert cache.pos == 24
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_inputs_longer_than_training_run_whole_up_to_the_rotary_table():
+    model = scramble(tiny_model(sequence_len=16, window_pattern="L")).eval()  # 2 layers, window 16 each
+    assert model.max_positions == 160 == model.rope_cos.size(2)
+    x = torch.randint(0, 300, (1, 160))
+    base = model(x)[0]  # the whole 160 tokens, 10x the training length
+    for j, reaches in ((150, True), (129, True), (128, False), (0, False)):
+        x2 = x.clone()
+        x2[0, j] = (x2[0, j] + 1) % 300
+        # each layer looks back 15 positions (its window is the training length), two layers 30
+        assert ((model(x2)[0, 159] - base[159]).abs().amax() > 1e-6) == reaches, j
+    cache = SimpleKVCache(model.config.n_layer)  # prefill and decode past the training length agree
+    parts = [model(x[:, :100], kv_cache=cache)] + [model(x[:, t:t + 1], kv_cache=cache) for t in range(100, 110)]
+    torch.testing.assert_close(torch.cat(parts, 1)[0], base[:110], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="161 tokens is longer than the model can represent: 160 positions"):
+        model(torch.randint(0, 300, (1, 161)))
 
 
 def test_flex_attention_matches_sdpa():
@@ -444,15 +461,22 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(corpus):
 
 
 def test_core_metric_through_evals_or_a_notice(corpus, monkeypatch, capsys, speedchat_home):
-    import sys, types
+    import shlex, sys, types
+    import evals
     args = TINY + ["--data", corpus, "--num-iterations", "2", "--core-metric-every", "-1"]
     monkeypatch.setitem(sys.modules, "evals", None)  # evals.py missing: a notice, and training still ends well
     train.main(args + ["--tag", "a"])
     assert "CORE: evals.py not found, skipping" in capsys.readouterr().out
     calls = []
-    fake = types.SimpleNamespace(evaluate_core=lambda model, tokenizer, device, max_per_task: calls.append(max_per_task) or {"core_metric": 0.125})
+    fake = types.SimpleNamespace(core_report=evals.core_report, evaluate_core=lambda model, tokenizer, device, max_per_task:
+                                 calls.append(max_per_task) or {"core_metric": 0.125, "results": {"t": 0.5}, "items": 7, "all_items": 9})
     monkeypatch.setitem(sys.modules, "evals", fake)
     train.main(args + ["--tag", "b", "--core-metric-max-per-task", "7"])
     assert calls == [7]
-    assert {"step": 2, "core_metric": 0.125} in _log("b")
-    assert json.loads((speedchat_home / "report" / "base.json").read_text())["core_metric"] == 0.125
+    assert {"step": 2, "CORE_subsample": 0.125, "CORE_subsample_items": 7} in _log("b")  # labeled: not every item
+    base = json.loads((speedchat_home / "report" / "base.json").read_text())
+    assert base["CORE_subsample"] == 0.125 and "CORE" not in base
+    assert base["command"] == shlex.join(["train.py", *args, "--tag", "b", "--core-metric-max-per-task", "7"])  # provenance
+    assert base["launcher"] == "python" and base["gpu_count"] == 0 and (base["git_commit"] == "unknown" or len(base["git_commit"]) == 40)
+    meta = json.loads(next((speedchat_home / "checkpoints" / "base" / "b").glob("step_*/meta.json")).read_text())
+    assert meta["provenance"]["torch"] == torch.__version__ and meta["provenance"]["gpu_count"] == 0
