@@ -122,15 +122,15 @@ def main():
         else:
             bundle, mpt = synthetic_bundle(Path(tmp), args.core_items), -1
         tasks = evals.parse_core_yaml((bundle / "core.yaml").read_text())
-        n_items = n_tokens = 0  # the tokens actually forwarded (after left truncation), for tokens/s
+        n_items = n_tokens = 0  # the tokens forwarded (whole prompts, the items evaluate_core scores), for tokens/s
         for t in tasks:
             data = evals.load_jsonl(bundle / "eval_data" / t["dataset_uri"], t["icl_task_type"])
-            n = min(len(data), mpt) if mpt > 0 else len(data)
-            n_items += n
-            for i in range(0, len(data), max(1, len(data) // n))[:n] if n else []:
-                for ids, _, _ in evals.core_sequences(t["icl_task_type"], data[i], evals.fewshot_for(data, i, t["num_fewshot"]),
+            items = [data[j] for j in evals.core_order(len(data), mpt)]
+            n_items += len(items)
+            for i, item in enumerate(items):
+                for ids, _, _ in evals.core_sequences(t["icl_task_type"], item, evals.fewshot_for(items, i, t["num_fewshot"]),
                                                       t["continuation_delimiter"], tokenizer):
-                    n_tokens += min(len(ids), model.config.sequence_len)
+                    n_tokens += len(ids)
         evals.evaluate_core(model, tokenizer, device, max_per_task=2, bundle=bundle)  # warm-up
         res, dt = timed(lambda: evals.evaluate_core(model, tokenizer, device, mpt, bundle=bundle, batch_tokens=args.batch_tokens), device)
     figs["core_items_per_s"], figs["core_tokens_per_s"] = n_items / dt, n_tokens / dt
