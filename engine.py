@@ -411,8 +411,11 @@ class Engine:
     """Generation for one model + tokenizer. tool(code) -> str is what python blocks run (run_tool:
     the arithmetic fast path, else the sandbox); pass tool=None to turn tool use off."""
 
-    def __init__(self, model, tokenizer, tool=run_tool):
+    def __init__(self, model, tokenizer, tool=run_tool, bf16=None):
+        """bf16: bf16 autocast and a bf16 KV cache (None: as training does on the model's device)."""
         self.model, self.tokenizer, self.tool = model, tokenizer, tool
+        self.device = next(model.parameters()).device
+        self.bf16 = use_bf16(self.device) if bf16 is None else bf16
         sp = tokenizer.special
         self.stop = {sp(name) for name in STOP_TOKENS}
         self.bos = tokenizer.bos_id
@@ -434,6 +437,16 @@ class Engine:
         elif row.python is not None:
             row.python.append(token)
 
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        # bf16 under autocast: its attention rounds k, v to bf16 anyway, so this halves cache memory
+        # and traffic at no cost in accuracy
+        return KVCache(batch_size, self.model.config.n_layer, max_len, torch.bfloat16 if self.bf16 else None)
+
+    def forward(self, ids, kv_cache):
+        """Logits (B, V) of the last position after feeding ids (B, T) into kv_cache."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.model(ids, kv_cache=kv_cache, last_only=True)[:, -1, :]
+
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
         """Prefill `tokens` (a list of ids) once, then decode num_samples rows token by token.
@@ -445,8 +458,7 @@ class Engine:
         """
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
-        model, device = self.model, next(self.model.parameters()).device
-        n_layer, context = model.config.n_layer, model.max_positions  # the whole prompt, at any length it can represent
+        device, context = self.device, self.model.max_positions  # the whole prompt, at any length it can represent
         budget = context - len(tokens)
         max_tokens = budget if max_tokens is None else min(max_tokens, budget)
         if max_tokens <= 0:
@@ -454,14 +466,10 @@ class Engine:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        # prefill the prompt once, at batch 1, then replicate its cache into every row. Under bf16
-        # autocast the cache holds bf16: autocast's attention rounds k, v to bf16 anyway, so this
-        # halves cache memory and traffic at no cost in accuracy.
-        cache_dtype = torch.bfloat16 if use_bf16(device) else None
-        prefill = KVCache(1, n_layer, len(tokens), cache_dtype)
-        with autocast_for(device):
-            logits = model(torch.tensor([tokens], dtype=torch.long, device=device), kv_cache=prefill, last_only=True)[:, -1, :]
-        kv = KVCache(num_samples, n_layer, len(tokens) + max_tokens, cache_dtype)
+        # prefill the prompt once, at batch 1, then replicate its cache into every row
+        prefill = self.new_cache(1, len(tokens))
+        logits = self.forward(torch.tensor([tokens], dtype=torch.long, device=device), prefill)
+        kv = self.new_cache(num_samples, len(tokens) + max_tokens)
         kv.copy_from(prefill)
         del prefill
         logits = logits.expand(num_samples, -1)
@@ -482,9 +490,7 @@ class Engine:
             yield out, was_sampled
             if all(row.done for row in rows) or step == max_tokens - 1:
                 break
-            ids = torch.tensor(feed, dtype=torch.long, device=device).unsqueeze(1)
-            with autocast_for(device):  # entered per call: a `with` around `yield` would leak into the caller
-                logits = model(ids, kv_cache=kv)[:, -1, :]
+            logits = self.forward(torch.tensor(feed, dtype=torch.long, device=device).unsqueeze(1), kv)
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming generate: (sequences, masks), one per row. A sequence is the prompt plus
@@ -500,12 +506,21 @@ class Engine:
         return seqs, masks
 
 
+def for_inference(model):
+    """The model in eval mode and, where inference runs in bf16, with bf16 weights: a decode step reads
+    every weight once, so this halves its memory traffic (fp32 master weights only matter to training).
+    The rotary tables stay fp32. Only for a model nobody trains afterwards (serve, chat, benchmarks)."""
+    if use_bf16(next(model.parameters()).device):
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    return model.eval()
+
+
 def load_engine(source="sft", tag=None, step=None, device=None):
     """A checkpoint as (Engine, meta), through train.load_model(source, tag, step, device)."""
     import train  # lazily: the sandbox and the generation loop do not need the training stack
     model, tokenizer, meta = train.load_model(source, tag, step, device or default_device())
-    model.eval()
-    return Engine(model, tokenizer), meta
+    return Engine(for_inference(model), tokenizer), meta
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def _local_files(path: Path) -> list[Path]:
 
 
 def _units_of(f: Path):
-    """Yield lists of documents from one local file: parquet row groups, or blocks of jsonl lines."""
+    """Yield the units of one local file as zero-argument functions returning lists of documents:
+    parquet row groups (read only when called, so a rank skips the others' cheaply), or blocks of
+    jsonl lines."""
     name = f.name
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -159,7 +161,7 @@ def _units_of(f: Path):
         if "text" not in pf.schema_arrow.names:
             raise DataError(f"{f}: no 'text' column")
         for g in range(pf.num_row_groups):
-            yield pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+            yield lambda g=g: pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
         block = []
@@ -172,10 +174,10 @@ def _units_of(f: Path):
                 except (ValueError, KeyError, TypeError):
                     raise DataError(f"{f}:{lineno}: expected a JSON object with a 'text' field") from None
                 if len(block) == LOCAL_UNIT_DOCS:
-                    yield block
+                    yield lambda b=block: b
                     block = []
         if block:
-            yield block
+            yield lambda b=block: b
 
 
 def _local_units(path: Path):
@@ -186,7 +188,7 @@ def _local_units(path: Path):
         if not f.name.endswith(".txt"):
             yield from _units_of(f)
     for i in range(0, len(txt), LOCAL_UNIT_DOCS):
-        yield [f.read_text(encoding="utf-8", errors="replace") for f in txt[i:i + LOCAL_UNIT_DOCS]]
+        yield lambda fs=txt[i:i + LOCAL_UNIT_DOCS]: [f.read_text(encoding="utf-8", errors="replace") for f in fs]
 
 
 def _shard_units(dataset: str, split: str):
@@ -215,9 +217,10 @@ def iter_batches(data: str = "climbmix", split: str = "train", rank: int = 0, wo
         units, local = _toy_units(), True
     else:
         units, local = _local_units(Path(data)), True
-    for u, docs in enumerate(units):
+    for u, read in enumerate(units):
         if u < start or u % world_size != rank:
             continue
+        docs = read()
         if local:
             docs = [d for j, d in enumerate(docs) if (j % LOCAL_VAL_EVERY == 0) == (split == "val")]
         yield u, docs
@@ -412,7 +415,7 @@ class ToyWorld:
 def _toy_units(seed: int = 0):
     world = ToyWorld(seed)
     for u in range(TOY_UNITS):
-        yield [world.document(u * TOY_UNIT_DOCS + j) for j in range(TOY_UNIT_DOCS)]
+        yield lambda u=u: [world.document(u * TOY_UNIT_DOCS + j) for j in range(TOY_UNIT_DOCS)]
 
 
 # ----------------------------------------------------------------------------- splitting, vectorized
@@ -877,6 +880,17 @@ class Tokenizer:
         if isinstance(text, str):
             return pre + self.enc.encode_ordinary(text)
         return [pre + ids for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+
+    def encode_array(self, text: str, prepend=None) -> np.ndarray:
+        """encode() of one text as an int32 array, for the training loader: tiktoken fills a buffer
+        with the GIL released and no Python int is made, so a loader thread barely slows the one
+        that drives the GPU."""
+        ids = self.enc.encode_to_numpy(text, disallowed_special=())  # nothing allowed: specials are plain text
+        out = np.empty(len(ids) + (prepend is not None), dtype=np.int32)
+        if prepend is not None:
+            out[0] = self.special(prepend) if isinstance(prepend, str) else int(prepend)
+        out[len(out) - len(ids):] = ids
+        return out
 
     def decode(self, ids) -> str:
         return self.enc.decode(list(ids))

@@ -12,7 +12,8 @@ GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, tra
 TokenLoader, evaluate_bpb, save_checkpoint, load_checkpoint, load_model, checkpoint_root,
 last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
 """
-import argparse, bisect, contextlib, json, math, os, random, shlex, shutil, subprocess, sys, time
+import argparse, bisect, contextlib, functools, itertools, json, math, os, queue, random, shlex, shutil, subprocess, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -131,6 +132,25 @@ def attention_mask(Tq: int, Tk: int, window: int, device):
     return (k <= q) & (q - k < window)
 
 
+def attend(q, k, v, window: int, block_mask=None):
+    """Causal attention in a sliding window: q (B, H, Tq, D) are the last Tq positions of k, v
+    (B, Hkv, Tk, D) (a KV cache holds the earlier ones; Hkv < H is GQA) and query i sees keys
+    i-window+1..i. With block_mask (the flex backend at the training length), flex attention skips
+    whole blocks outside the window; otherwise SDPA reads only the keys some query can see, so a
+    decode step reads just the last `window` cached keys and needs no mask."""
+    gqa = q.size(1) != k.size(1)
+    if block_mask is not None:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    Tq, Tk = q.size(2), k.size(2)
+    start = max(0, Tk - Tq - window + 1)  # keys older than every query's window
+    k, v = k[:, :, start:], v[:, :, start:]
+    if Tq == 1:  # decode: every key left is in the window
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if Tq == Tk and window >= Tq:  # the window covers the whole sequence: plain causal
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(Tq, Tk - start, window, q.device), enable_gqa=gqa)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -158,15 +178,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = norm(q).to(dt), norm(k).to(dt), v.to(dt)  # QK-norm; rotary, norm and ve may have promoted to fp32
         if kv_cache is not None:
             k, v = kv_cache.insert(self.layer_idx, k, v)       # (B, nkv, pos+T, hd)
-        Tk, gqa = k.size(2), nkv != nh
-        if block_mask is not None:  # flex attention (compiled, CUDA): sliding windows skip whole blocks
-            y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-        elif Tk == T and window >= T:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1 and window >= Tk:
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # one new token sees everything cached
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(T, Tk, window, x.device), enable_gqa=gqa)
+        y = attend(q, k, v, window, block_mask)                # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -205,7 +217,7 @@ class GPT(nn.Module):
         # learned per-layer mix of the running residual and the (normed) token embedding x0
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.full((L,), 0.1))
-        self._block_masks, self._flex_T = {}, None  # window -> flex BlockMask at length _flex_T (use_flex_attention)
+        self.attention, self.block_masks = "sdpa", {}  # set_attention("flex"): window -> BlockMask at the training length
         self.max_positions = ROPE_CONTEXT_MULT * config.sequence_len  # the longest input it can represent
         cos, sin = rotary_table(self.max_positions, config.head_dim)
         self.register_buffer("rope_cos", cos, persistent=False)  # (1, 1, max_positions, head_dim/2)
@@ -230,10 +242,15 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
 
-    def use_flex_attention(self, T: int, device):
-        """Precompute flex BlockMasks for training at length T (call before torch.compile)."""
-        self._block_masks = {w: make_block_mask(T, w, device) for w in set(self.window_sizes)}
-        self._flex_T = T
+    def set_attention(self, backend: str, device="cpu"):
+        """The attention backend, chosen once (before torch.compile): "sdpa", or "flex", whose block
+        masks are built here for the training length (pretraining's every forward; CUDA, compiled:
+        CPU torch has no flex backward). Other lengths and KV-cache steps always run SDPA in attend()."""
+        if backend not in ("sdpa", "flex"):
+            raise ValueError(f"attention backend {backend!r}: expected sdpa or flex")
+        T = self.config.sequence_len
+        self.block_masks = {w: make_block_mask(T, w, device) for w in set(self.window_sizes)} if backend == "flex" else {}
+        self.attention = backend
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) -> logits (B, T, vocab_size) fp32 (fp64 for an fp64 model), or the loss against targets (B, T) (-1 = ignore).
@@ -244,14 +261,14 @@ class GPT(nn.Module):
             raise ValueError(f"{pos + T} tokens is longer than the model can represent: {self.max_positions} positions "
                              f"({ROPE_CONTEXT_MULT} x its training length {self.config.sequence_len})")
         cos, sin = self.rope_cos[:, :, pos:pos + T], self.rope_sin[:, :, pos:pos + T]
-        flex = kv_cache is None and T == self._flex_T
+        masks = self.block_masks if kv_cache is None and T == self.config.sequence_len else {}
         x = norm(self.wte(idx))  # (B, T, C)
         x0 = x
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             w = self.window_sizes[i]
-            x = block(x, ve, cos, sin, w, kv_cache, self._block_masks[w] if flex else None)
+            x = block(x, ve, cos, sin, w, kv_cache, masks.get(w))
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x[:, -1:] if last_only else x)
@@ -310,9 +327,10 @@ class MuonAdamW(torch.optim.Optimizer):
     Muon: matrix j of a group belongs to rank j // k (k = ceil(N / world_size)); each rank keeps the
     momentum of its own k matrices, orthogonalizes them and all-gathers the new weights. AdamW: a
     large tensor whose first dim divides world_size is sharded along dim 0 the same way; small ones
-    are all-reduced and updated on every rank. One process runs the same math with k = N."""
+    are all-reduced and updated on every rank. One process runs the same math with k = N.
+    compiled=True compiles the orthogonalization (a graph per group shape, made in the first step)."""
 
-    def __init__(self, param_groups, rank: int = 0, world_size: int = 1):
+    def __init__(self, param_groups, rank: int = 0, world_size: int = 1, compiled: bool = False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
         super().__init__(param_groups, defaults)
         for g in self.param_groups:
@@ -320,6 +338,7 @@ class MuonAdamW(torch.optim.Optimizer):
             if g["kind"] == "muon":
                 assert len({p.shape for p in g["params"]}) == 1 and g["params"][0].ndim == 2, "a muon group holds same-shaped matrices"
         self.rank, self.world_size = rank, world_size
+        self.orthogonalize = torch.compile(polar_express, dynamic=False, fullgraph=True) if compiled else polar_express
 
     def _shardable(self, p):
         return self.world_size > 1 and p.ndim >= 1 and p.numel() >= 1024 and p.size(0) % self.world_size == 0
@@ -360,7 +379,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(mine)
         buf, beta = state["momentum_buffer"], group["momentum"]
         buf.lerp_(mine, 1 - beta)
-        u = polar_express(mine.lerp_(buf, beta), group["ns_steps"])  # Nesterov, then orthogonalize
+        u = self.orthogonalize(mine.lerp_(buf, beta), group["ns_steps"])  # Nesterov, then orthogonalize
         rows, cols = params[0].shape
         lr, wd = group["lr"], group["weight_decay"]
         local = torch.stack(own) if own else mine.new_zeros(0, rows, cols)
@@ -417,7 +436,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def setup_optimizer(model: GPT, embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02, scalar_lr=0.02,
-                    weight_decay=0.0, rank=0, world_size=1) -> MuonAdamW:
+                    weight_decay=0.0, rank=0, world_size=1, compiled=False) -> MuonAdamW:
     """Muon for the 2-D block matrices, AdamW for embeddings, lm_head and scalars. AdamW rates are
     given for width 768 and scaled by (n_embd / 768) ** -0.5; Muon's update is already shape-aware."""
     scale = (model.config.n_embd / 768) ** -0.5
@@ -432,7 +451,7 @@ def setup_optimizer(model: GPT, embedding_lr=0.2, unembedding_lr=0.004, matrix_l
     ]
     n_opt, n_model = sum(len(g["params"]) for g in groups), len(list(model.parameters()))
     assert n_opt == n_model, f"optimizer covers {n_opt} of {n_model} parameter tensors"
-    return MuonAdamW(groups, rank=rank, world_size=world_size)
+    return MuonAdamW(groups, rank=rank, world_size=world_size, compiled=compiled)
 
 
 def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_ratio=0.4, final_lr_frac=0.0) -> float:
@@ -476,11 +495,58 @@ def train_step(model, optimizer, next_batch, grad_accum: int, autocast_ctx=conte
 
 # ----------------------------------------------------------------------------- the token loader
 
+EPOCH_END = "epoch end"  # what tokenize_ahead yields between two passes over the data
+
+
+def tokenize_ahead(tokenizer, passes, depth: int = 2, threads: int = 4):
+    """(unit, [int32 token array per document, each starting with <|bos|>]) for each (unit, texts) of
+    each pass in `passes` (an iterator of (unit, texts) iterators), EPOCH_END after each pass, made by
+    a background thread up to `depth` units ahead, in order, so reading and tokenizing never stall the
+    training loop, not even at an epoch's end. Parquet reads and tiktoken's encoding (on `threads`
+    threads) release the GIL. An error there is raised here; dropping the generator stops the thread."""
+    out, stop = queue.Queue(maxsize=depth), threading.Event()
+    encode = functools.partial(tokenizer.encode_array, prepend=tokenizer.bos_id)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                for units in passes:
+                    for unit, texts in units:
+                        if not put((unit, list(pool.map(encode, texts)))):
+                            return
+                    if not put(EPOCH_END):
+                        return
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+            put(e)
+
+    threading.Thread(target=work, daemon=True, name="tokenize_ahead").start()
+    try:
+        while True:
+            item = out.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 class TokenLoader:
     """Rows of T+1 tokens, each starting with <|bos|>, packed from whole documents (best fit: the
     longest buffered document that still fits; a document is cropped only when none fits).
     Reads the units of tok.iter_batches that belong to this rank, so ranks never share a document.
-    Deterministic: state_dict() (epoch, next unit, the buffered documents) resumes exactly."""
+    Never stalls the device: a background thread reads and tokenizes units ahead (tokenize_ahead), and
+    prefetch() packs the next batch (the training loop calls it while the device is busy).
+    Deterministic: state_dict() (epoch, next unit, the buffered documents, a prefetched batch)
+    resumes exactly."""
 
     def __init__(self, tokenizer, data: str, split: str, batch_size: int, seq_len: int, rank=0, world_size=1,
                  device="cpu", buffer_docs=1000, state=None):
@@ -490,23 +556,25 @@ class TokenLoader:
         self.bos = tokenizer.bos_id
         self.epoch, self.next_unit = 0, 0
         self.lens, self.docs = [], []  # buffered documents, sorted by length (ties: insertion order)
-        self._units = None
+        self._units, self._next = None, None  # _next: a prefetched (B, T+1) batch
         if state is not None:
             self.load_state_dict(state)
 
     def _pull_unit(self) -> bool:
-        """Tokenize the next unit of this rank into the buffer. False at the end of an epoch."""
+        """Move the next tokenized unit of this rank into the buffer. False at the end of an epoch."""
         if self._units is None:
-            self._units = tok.iter_batches(self.data, self.split, self.rank, self.world_size, start=self.next_unit)
-        try:
-            unit, texts = next(self._units)
-        except StopIteration:
-            self._units, self.epoch, self.next_unit = None, self.epoch + 1, 0
+            start = self.next_unit  # this pass resumes there; the next ones start at unit 0
+            passes = (tok.iter_batches(self.data, self.split, self.rank, self.world_size, start=start if e == 0 else 0)
+                      for e in itertools.count())
+            self._units = tokenize_ahead(self.tokenizer, passes)
+        item = next(self._units)
+        if item is EPOCH_END:
+            self.epoch, self.next_unit = self.epoch + 1, 0
             return False
+        unit, docs = item
         self.next_unit = unit + 1
-        if texts:
-            for ids in self.tokenizer.encode(texts, prepend=self.bos):
-                self._insert(np.asarray(ids, dtype=np.int32))
+        for doc in docs:
+            self._insert(doc)
         return True
 
     def _insert(self, doc):
@@ -537,12 +605,22 @@ class TokenLoader:
             n += take
         return row
 
+    def prefetch(self):
+        """Pack the next batch now (int64, pinned on CUDA), so that next_batch() only starts its copy."""
+        if self._next is None:
+            self._stage(np.stack([self._row() for _ in range(self.B)]))
+
+    def _stage(self, rows):
+        self._next = rows  # (B, T+1) int32, as state_dict() keeps it
+        self._next_rows = torch.from_numpy(rows.astype(np.int64))
+        if self.device.type == "cuda":
+            self._next_rows = self._next_rows.pin_memory()
+
     def next_batch(self):
         """(inputs, targets), both (B, T) int64 on the device."""
-        rows = torch.from_numpy(np.stack([self._row() for _ in range(self.B)]))  # (B, T+1) int32
-        if self.device.type == "cuda":
-            rows = rows.pin_memory().to(self.device, non_blocking=True)
-        rows = rows.long()
+        self.prefetch()
+        rows = self._next_rows.to(self.device, non_blocking=True)
+        self._next = self._next_rows = None
         return rows[:, :-1], rows[:, 1:]
 
     __call__ = next_batch
@@ -551,7 +629,8 @@ class TokenLoader:
         flat = np.concatenate(self.docs) if self.docs else np.zeros(0, np.int32)
         return {"epoch": self.epoch, "next_unit": self.next_unit, "lens": torch.tensor(self.lens, dtype=torch.int64),
                 "tokens": torch.from_numpy(flat.astype(np.int32)), "data": self.data, "split": self.split,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size,
+                "next": None if self._next is None else torch.from_numpy(self._next.copy())}
 
     def load_state_dict(self, state):
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
@@ -561,7 +640,9 @@ class TokenLoader:
         flat = state["tokens"].numpy()
         offsets = np.cumsum([0] + lens)
         self.lens, self.docs = lens, [flat[a:b].copy() for a, b in zip(offsets[:-1], offsets[1:])]
-        self._units = None
+        self._units, self._next = None, None
+        if state.get("next") is not None:
+            self._stage(state["next"].numpy().copy())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -782,6 +863,18 @@ def compute_init(device_arg="auto"):
     return rank, local_rank, ws, device
 
 
+def use_bf16(device) -> bool:
+    """Pretraining's precision rule: bf16 autocast on CUDA SM80+ (master weights stay fp32), fp32 elsewhere."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process: after a run's first step and first evaluation the
+    count should never grow again (a recompile per step is a silent slowdown)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def compute_cleanup():
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -878,6 +971,8 @@ def parse_args(argv=None):
     a("--compile", default="auto", choices=["auto", "on", "off"],
       help="torch.compile: auto = on CUDA only; 'on' also helps CPU (~2x, needs a C++ compiler, ~30s to compile)")
     a("--attn", default="auto", choices=["auto", "sdpa", "flex"], help="auto = flex when compiled on CUDA, else sdpa")
+    a("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+      help="auto = bf16 autocast on CUDA SM80+ (fp32 master weights), fp32 elsewhere; bf16 on CPU rehearses the GPU path")
     a("--seed", type=int, default=42)
     a("--buffer-docs", type=int, default=1000, help="documents the packer chooses from")
     return p.parse_args(argv)
@@ -950,15 +1045,14 @@ def pretrain(args, command="train.py"):
     num_iterations = args.num_iterations if args.num_iterations > 0 else \
         max(1, round(args.target_param_data_ratio * num_scaling / args.total_batch_size))
     flops_per_token = model.estimate_flops()
-    use_bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-    autocast_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and use_bf16(device))
+    autocast_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.attn == "flex" and device.type != "cuda":
         raise SystemExit("--attn flex needs CUDA (flex attention has no CPU backward); use --attn sdpa")
-    if args.attn == "flex" or (args.attn == "auto" and compiled and device.type == "cuda"):
-        model.use_flex_attention(args.max_seq_len, device)
+    model.set_attention("flex" if args.attn == "flex" or (args.attn == "auto" and compiled and device.type == "cuda") else "sdpa", device)
     optimizer = setup_optimizer(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr,
-                                args.weight_decay, rank, ws)
+                                args.weight_decay, rank, ws, compiled)
     train_loader = TokenLoader(tokenizer, args.data, "train", args.device_batch_size, args.max_seq_len, rank, ws,
                                device, args.buffer_docs)
     token_bytes = torch.as_tensor(np.asarray(tokenizer.token_bytes), dtype=torch.int64, device=device)
@@ -984,7 +1078,7 @@ def pretrain(args, command="train.py"):
 
     raw_model = model
     if compiled:
-        model = torch.compile(model, dynamic=False)
+        model = torch.compile(model, dynamic=False, fullgraph=True)  # fullgraph: a graph break fails, never slows
     wandb_run = None
     if master and args.run != "dummy":
         try:
@@ -1017,10 +1111,17 @@ def pretrain(args, command="train.py"):
            f"{prov['launcher']} | torch {prov['torch']}, CUDA {prov['cuda']} | GPU: {prov['gpu_count']} x {prov['gpu']}")
     print0(f"{num_iterations} steps x {args.total_batch_size:,} tokens = {num_iterations * args.total_batch_size:,} tokens "
            f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
-           f"{ws} rank(s) on {device} | {'bf16' if use_bf16 else 'fp32'}{' compiled' if compiled else ''}")
+           f"{ws} rank(s) on {device} | {'bf16' if bf16 else 'fp32'} | {'compiled' if compiled else 'eager'} | "
+           f"attention: {raw_model.attention}{' (training length), sdpa elsewhere' if raw_model.attention == 'flex' else ''}")
     eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-    core, step, val_batches = None, start_step, None
+    core, step, val_batches, evaluated, recompiles = None, start_step, None, False, 0
     t_start = time.time()
+
+    def watch_compiles(graphs_before, what):  # after the first step and the first evaluation: never again
+        nonlocal recompiles
+        if compiled and compiled_graphs() > graphs_before:
+            recompiles += 1
+            print0(f"warning: {what}: torch.compile made a new graph (a recompile); TORCH_LOGS=recompiles says why")
     while True:
         last = step == num_iterations
         stop = last or step == args.stop_at_step
@@ -1030,8 +1131,11 @@ def pretrain(args, command="train.py"):
                                          device, min(args.buffer_docs, 100))
                 val_batches = [val_loader.next_batch() for _ in range(eval_steps)]
             model.eval()
+            graphs = compiled_graphs() if evaluated else math.inf
             val_bpb = evaluate_bpb(model, iter(val_batches).__next__, eval_steps, token_bytes, autocast_ctx)
+            watch_compiles(graphs, f"step {step} evaluation")
             model.train()
+            evaluated = True
             min_val_bpb = val_bpb if min_val_bpb is None else min(min_val_bpb, val_bpb)
             print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
             log({"step": step, "val_bpb": val_bpb})
@@ -1059,11 +1163,14 @@ def pretrain(args, command="train.py"):
         t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_schedule(optimizer, lrm, muon_momentum(step))
+        graphs = compiled_graphs() if step > start_step else math.inf
         loss = train_step(model, optimizer, train_loader, grad_accum, autocast_ctx)
+        train_loader.prefetch()  # the next batch, packed while the device still works on this one
         if ws > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         loss = loss.item()  # syncs the device
         dt = time.time() - t0
+        watch_compiles(graphs, f"step {step}")
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
         if step > start_step:  # the first step of a run includes compilation and warmup
@@ -1072,7 +1179,7 @@ def pretrain(args, command="train.py"):
         smooth_loss = beta * smooth_loss + (1 - beta) * loss
         shown = smooth_loss / (1 - beta ** (step + 1))
         tok_per_s = args.total_batch_size / dt
-        mfu = 100 * flops_per_token * tok_per_s / (peak * ws) if (peak and use_bf16) else None
+        mfu = 100 * flops_per_token * tok_per_s / (peak * ws) if (peak and bf16) else None
         eta = train_time / max(timed_steps, 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | lrm {lrm:.2f} | "
                f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s | mfu {f'{mfu:.1f}%' if mfu is not None else 'n/a'} | "
@@ -1083,11 +1190,12 @@ def pretrain(args, command="train.py"):
 
     if master and step == num_iterations:
         avg_tok_s = args.total_batch_size * timed_steps / train_time if train_time > 0 else None
-        avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and use_bf16) else None
+        avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and bf16) else None
         report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, **(core or {}),
                   "mfu": avg_mfu, "tok_per_s": avg_tok_s, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
                   "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
-                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device), **prov}
+                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
+                  "compiled": compiled, "attention": raw_model.attention, "recompiles": recompiles if compiled else None, **prov}
         tok.write_report("base", report)
     if wandb_run is not None:
         wandb_run.finish()

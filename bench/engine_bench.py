@@ -12,6 +12,9 @@ Measures, on a model with random weights (speed does not depend on the weights):
                        first (the whole engine: sampling, the tool state machine, host sync), and the
                        bare model forward on the same cache, to show what the Python loop costs
   tool calls           the arithmetic fast path (in-process AST) against a sandbox process
+The model is prepared as serve.py and the chat CLI load it (engine.for_inference: bf16 weights on a
+bf16 GPU). On CUDA, decode at batch 1 is compared with its memory-bandwidth floor: the bytes a step
+must read (every weight, and the KV cache half-way through the decode) over the device's bandwidth.
 Ends with one JSON line of all the figures.
 """
 import argparse
@@ -27,6 +30,11 @@ import torch
 
 import engine
 import train
+
+
+# HBM bandwidth by device-name substring, bytes/s (datasheets; first match wins)
+PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
+                  ("A100", 1.555e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10G", 0.6e12)]
 
 
 class StubTokenizer:
@@ -97,7 +105,9 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     device = torch.device(args.device)
     model, cfg = build_model(args, device)
+    model = engine.for_inference(model)
     nparams = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.compile:
         model = torch.compile(model, dynamic=True)
     eng = engine.Engine(model, StubTokenizer(args.vocab_size), tool=None)
@@ -153,6 +163,13 @@ def main():
         figures[f"decode_b{B}_forward_only_tok_s"] = round(bare, 1)
         print(f"decode batch {B:<3}     {rate:12,.1f} tokens/s   (bare forward {bare:,.1f} tokens/s, "
               f"{1e3 * B / rate:.2f} ms/step)")
+        bandwidth = next((bw for key, bw in PEAK_BANDWIDTH if key in name), None) if cuda else None
+        if bandwidth and B == 1:
+            kv_bytes = kv1.k.numel() * kv1.k.element_size() * 2 * (args.prompt_len + args.decode_tokens // 2) / args.prompt_len
+            floor = bandwidth / (weight_bytes + kv_bytes)  # tokens/s if each step only read its bytes once
+            figures.update(decode_b1_floor_tok_s=round(floor, 1), decode_b1_over_floor=round(floor / rate, 2))
+            print(f"  bandwidth floor     {floor:12,.1f} tokens/s   ({(weight_bytes + kv_bytes) / 1e9:.2f} GB a step at "
+                  f"{bandwidth / 1e12:.2f} TB/s): the engine takes {floor / rate:.2f}x the floor's time")
 
     # tool calls: the arithmetic fast path against a sandbox process
     n = 20000

@@ -6,9 +6,11 @@ Training throughput of train.py's model + Muon/AdamW step on synthetic tokens (n
   python bench/train_bench.py --depth 12 --batch-size 16 --steps 20   # one config of your choice
 
 Prints, per config: tokens/s, ms/step, MFU (against the device's bf16 peak; n/a on CPU), peak
-memory and compile time (the first step minus a steady one) on CUDA.
+memory and compile time (the first step minus a steady one) on CUDA; then one JSON line. The model
+and optimizer are compiled as train.py compiles them (fullgraph, flex attention, Muon's
+orthogonalization), so a train.py run of the same shapes finds the compiled graphs in torch's cache.
 """
-import argparse, contextlib, os, sys, time
+import argparse, contextlib, json, os, sys, time
 from pathlib import Path
 
 import torch
@@ -23,11 +25,11 @@ def bench_one(depth, n_embd, n_head, seq, batch, vocab, steps, warmup, device, c
     torch.manual_seed(0)
     model = train.GPT(cfg).to(device)
     cuda = device.type == "cuda"
-    if cuda and compile_model:
-        model.use_flex_attention(seq, device)  # flex has no CPU backward: sdpa there
-    opt = train.setup_optimizer(model)
-    fwd = torch.compile(model, dynamic=False) if compile_model else model
-    bf16 = cuda and torch.cuda.get_device_capability(device) >= (8, 0)
+    # as train.py runs it: flex attention when compiled on CUDA (no CPU backward), fullgraph, Muon compiled
+    model.set_attention("flex" if cuda and compile_model else "sdpa", device)
+    opt = train.setup_optimizer(model, compiled=compile_model)
+    fwd = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
+    bf16 = train.use_bf16(device)
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     rows = torch.randint(0, vocab, (batch, seq + 1), device=device)
     next_batch = lambda: (rows[:, :-1], rows[:, 1:])
@@ -51,7 +53,7 @@ def bench_one(depth, n_embd, n_head, seq, batch, vocab, steps, warmup, device, c
     peak = train.peak_flops(device)
     mfu = 100 * model.estimate_flops() * tok_s / peak if (peak and bf16) else None
     return {
-        "config": f"d{depth} w{n_embd} h{n_head} seq{seq} B{batch} V{vocab}",
+        "config": f"d{depth} w{n_embd} h{n_head} seq{seq} B{batch} V{vocab}", "depth": depth, "attention": model.attention,
         "params": sum(p.numel() for p in model.parameters()),
         "tok_s": tok_s, "ms": dt * 1000, "mfu": mfu,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None,
@@ -93,6 +95,7 @@ def main(argv=None):
     print(f"device: {name} | torch {torch.__version__} | {'bf16' if use_cuda else 'fp32'}"
           f"{' compiled' if compile_model else ''} | median of {steps} steps after {args.warmup} warmup")
     print(f"{'config':<36} {'params':>12} {'tok/s':>12} {'ms/step':>9} {'MFU':>7} {'peak GB':>8} {'compile s':>9}")
+    results = []
     for depth in depths:
         n_embd = args.n_embd if args.n_embd > 0 else max(depth * 64, 128 if not use_cuda else 0)
         n_embd = -(-n_embd // head_dim) * head_dim
@@ -100,6 +103,8 @@ def main(argv=None):
         f = lambda v, fmt: format(v, fmt) if v is not None else "n/a"
         print(f"{r['config']:<36} {r['params']:>12,} {r['tok_s']:>12,.0f} {r['ms']:>9.1f} {f(r['mfu'], '.1f') + ('%' if r['mfu'] else ''):>7} "
               f"{f(r['peak_mem_gb'], '.1f'):>8} {f(r['compile_s'], '.1f'):>9}", flush=True)
+        results.append(r)
+    print(json.dumps({"device": name, "configs": results}))
 
 
 if __name__ == "__main__":

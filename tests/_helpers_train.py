@@ -85,19 +85,19 @@ def global_batches(steps, micro, B, T, vocab, seed=123):
     return torch.randint(0, vocab, (steps, micro, B, T + 1), generator=g)
 
 
-def run_optimizer_steps(rank, world_size, steps, micro_total, out_path):
-    """Train tiny_model for `steps` steps; rank r takes micro-batches r*k..(r+1)*k-1 of each step."""
+def run_optimizer_steps(rank, world_size, steps, micro_total, out_path, config=None):
+    """Train tiny_model(**config) for `steps` steps; rank r takes micro-batches r*k..(r+1)*k-1 of each step."""
     import train
     torch.set_default_dtype(DTYPE)
     try:
-        _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path)
+        _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path, config or {})
     finally:
         torch.set_default_dtype(torch.float32)
 
 
-def _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path):
+def _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path, config):
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(**config)
     opt = train.setup_optimizer(model, rank=rank, world_size=world_size)
     data = global_batches(steps, micro_total, 2, 32, 300)
     k = micro_total // world_size
@@ -165,6 +165,10 @@ class ByteTokenizer:
             return [self.encode(t, prepend) for t in text]
         pre = [] if prepend is None else [prepend if isinstance(prepend, int) else self.special(prepend)]
         return pre + list(text.encode("utf-8"))
+
+    def encode_array(self, text, prepend=None):
+        import numpy as np
+        return np.asarray(self.encode(text, prepend), dtype=np.int32)
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

@@ -105,7 +105,7 @@ def test_flex_attention_matches_sdpa():
     x = torch.randint(0, 300, (2, 32))
     with torch.no_grad():  # flex has no CPU backward; on CUDA it runs compiled
         ref = model(x)
-        model.use_flex_attention(32, "cpu")
+        model.set_attention("flex", "cpu")
         torch.testing.assert_close(model(x), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -175,20 +175,25 @@ def _spawn(fn_name, args, world_size=2):
     mp.spawn(h.dist_worker, args=(world_size, h.free_port(), fn_name, args), nprocs=world_size, join=True)
 
 
-def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path):
+# a GPU-like aspect: head_dim 128, GQA, several layers (3: odd Muon groups leave a rank padding)
+GPU_ASPECT = dict(n_layer=3, n_head=4, n_kv_head=2, n_embd=512, window_pattern="SSSL")
+
+
+@pytest.mark.parametrize("config", [{}, GPU_ASPECT], ids=["tiny", "head_dim_128_gqa"])
+def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, config):
     """Same global batches: 2 gloo ranks x 2 micro-batches == 1 rank x 4 micro-batches (sharded
     Muon + AdamW state, reduce-scatter / all-gather). Run in fp64: in fp32 the different summation
     order is rounding noise that Adam's first, sign-like steps can blow up on near-zero gradients."""
     import _helpers_train as h
     steps, micro = 3, 4
-    h.run_optimizer_steps(0, 1, steps, micro, tmp_path / "one.pt")
-    _spawn("run_optimizer_steps", (steps, micro, str(tmp_path / "two.pt")))
+    h.run_optimizer_steps(0, 1, steps, micro, tmp_path / "one.pt", config)
+    _spawn("run_optimizer_steps", (steps, micro, str(tmp_path / "two.pt"), config))
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["params"].keys() == two["params"].keys()
     for name, p in one["params"].items():
         assert p.dtype == torch.float64
         torch.testing.assert_close(two["params"][name], p, atol=1e-9, rtol=1e-9, msg=name)
-    init = h.tiny_model().double().state_dict()
+    init = h.tiny_model(**config).double().state_dict()
     assert any(not torch.equal(init[n], p) for n, p in one["params"].items())  # training did something
 
 
