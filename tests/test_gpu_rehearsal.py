@@ -64,13 +64,17 @@ def test_flex_attention_with_sliding_windows_compiled_forward_matches_sdpa():
         torch.testing.assert_close(model(x[:, :40]), ref[:, :40], atol=2e-5, rtol=1e-4)
 
 
-def test_engine_decode_in_bf16_matches_fp32():
+def test_engine_decode_in_bf16_matches_fp32(monkeypatch):
+    import copy
     tokenizer = make_tokenizer(save=False)
     model = scramble(tiny_model(vocab_size=tokenizer.vocab_size, sequence_len=32, n_embd=256, n_head=2, n_kv_head=1)).eval()
+    monkeypatch.setattr(engine, "use_bf16", lambda device: True)  # as on a bf16 GPU: serve loads bf16 weights
+    served = engine.for_inference(copy.deepcopy(model))
+    assert all(p.dtype == torch.bfloat16 for p in served.parameters()) and served.rope_cos.dtype == torch.float32
     prompt = torch.tensor([tokenizer.encode("the cat sat on the mat and then", prepend=tokenizer.bos_id)])
     fed, out = None, {}
-    for bf16 in (False, True):  # bf16 is fed the tokens fp32 chose, so both decode the same sequence
-        eng = engine.Engine(model, tokenizer, bf16=bf16)
+    for name, m, bf16 in (("fp32", model, False), ("bf16", model, True), ("bf16 weights", served, True)):
+        eng = engine.Engine(m, tokenizer, bf16=bf16)  # bf16 is fed the tokens fp32 chose: the same sequence
         kv = eng.new_cache(1, prompt.size(1) + 40)
         with torch.inference_mode():
             logits = [eng.forward(prompt, kv)]
@@ -80,8 +84,10 @@ def test_engine_decode_in_bf16_matches_fp32():
                 if len(fed) < 40:
                     fed.append(int(logits[-1].argmax()))
         assert (kv.k.dtype == torch.bfloat16) == bf16
-        out[bf16] = torch.cat(logits).float()
-    assert (out[True] - out[False]).abs().max() < 0.03 * out[False].abs().max()  # bf16's ~3 significant digits
+        out[name] = torch.cat(logits).float()
+    scale = out["fp32"].abs().max()
+    assert (out["bf16"] - out["fp32"]).abs().max() < 0.03 * scale  # bf16's ~3 significant digits
+    assert (out["bf16 weights"] - out["fp32"]).abs().max() < 0.05 * scale
 
 
 def test_gpu_bench_dry_run_runs_every_step_and_survives_a_failing_one(tmp_path):
