@@ -8,6 +8,7 @@ stream), the code sandbox itself, and a terminal chat.
     python engine.py chat --source sft                  # multi-turn chat, streams tokens
     python engine.py chat --source base -p "Once upon"  # a base model does plain completion
     python engine.py exec "12*7"                        # run code in the sandbox: prints 84
+    python engine.py sandbox                            # which of the sandbox's layers this machine has
 
 Reads top to bottom: constants, the sandbox, the KV cache, sampling, the streamer, the tool state
 machine, the Engine (the main loop), the chat CLI, __main__. What other stages call:
@@ -19,15 +20,18 @@ import argparse
 import ast
 import codecs
 import contextlib
+import functools
 import inspect
 import json
 import math
 import operator
 import os
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -43,18 +47,44 @@ SANDBOX_MEMORY = 512 * 2**20      # bytes of address space (RLIMIT_AS)
 SANDBOX_OUTPUT = 16_000           # characters of stdout kept; more stops the program
 SANDBOX_THREADS = 16              # threads the code may start (RLIMIT_NPROC above what its user runs)
 SANDBOX_FILE_BYTES = 16 * 2**20   # largest file it may write (RLIMIT_FSIZE), only in its private directory
+SANDBOX_DISK = 64 * 2**20         # all its files together (the private directory is a tmpfs of this size)
+SANDBOX_PYTHON = sys.executable   # the sandbox's interpreter: any Python 3.9+ with its standard library
+SANDBOX_STDLIB = ["random", "statistics", "threading", "logging", "queue", "concurrent.futures", "tempfile", "shutil",
+                  "json", "re", "math", "fractions", "decimal", "datetime", "itertools", "collections", "heapq", "bisect",
+                  "functools", "string", "operator", "copy", "typing", "dataclasses", "enum", "hashlib", "struct",
+                  "textwrap", "numbers", "cmath", "calendar", "pprint", "zoneinfo", "importlib"]  # promised to work
 TOOL_OUTPUT_CHARS = 1_000         # characters of a tool result forced into the model's context
 ARITH_MAX_INT = 10**100           # the arithmetic fast path gives up (falls back) beyond this
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 
 # ---------------------------------------------------------------------------------------------
-# The sandbox: run model-written code in a separate, limited process.
+# The sandbox: run model-written code in a separate process, isolated by the kernel.
+#
+# serve.py puts the python tool one prompt away from anyone on the network, so the boundary is the
+# kernel's, as in bubblewrap and nsjail; the Python-level guards are only a second layer. Layers:
+#   namespaces  new user, PID, network, mount and IPC namespaces: the code sees no other process (its
+#               own /proc), has no network, and its processes die with the namespace's first one
+#   nobody      a server running as root runs the code as uid/gid 65534
+#   landlock    the filesystem: read-only the interpreter, its standard library and the shared
+#               libraries it loaded; read-write the private directory; nothing else (no /proc, home,
+#               $SPEEDCHAT_HOME). ABI 4+: no TCP bind or connect; ABI 6+: no signal or abstract
+#               socket reaches a process outside
+#   seccomp     threads but no new processes, no socket but AF_UNIX, no ptrace, mount, namespaces,
+#               kexec, bpf, keyctl, modules, io_uring
+#   tmpfs       the private directory is a tmpfs of SANDBOX_DISK bytes, gone with the namespace
+#   limits      wall clock (the parent kills it), CPU, address space, threads, file size, output
+# Each layer is applied where the kernel allows it (a container may forbid namespaces, an old kernel
+# lacks Landlock); what was applied comes back with every result (ExecResult.layers), the Engine logs
+# it once, and `python engine.py sandbox` prints it.
+#
+# The child is a fresh interpreter (-I -S -B: no site, no env, no cwd on sys.path, no .pyc writes;
+# it shares nothing with the parent's torch threads, CUDA context or address space). It runs the
+# functions below, whose source is sent to it: it reads {code, limits} as JSON on stdin, isolates
+# itself, runs the code like a REPL (a last expression's value is printed through display_value) and
+# writes {stdout, stderr, error, layers} as JSON to a private dup of its stdout.
 
-# The child is a fresh interpreter (-I -S: no site, no env, no cwd on sys.path; starts in ~25 ms,
-# and a fresh exec does not inherit the parent's torch threads, CUDA context or address space).
-# It reads {code, limits} as JSON on stdin, limits itself, disables the dangerous parts of the
-# standard library, runs the code like a REPL (the value of a last expression is printed, through
-# display_value) and writes {stdout, stderr, error} as JSON to a private dup of its stdout.
+SANDBOX_LAYERS = ("namespaces", "nobody", "landlock", "seccomp", "tmpfs", "limits")
+NOBODY = 65534
 
 
 def display_value(value):
@@ -67,111 +97,347 @@ def display_value(value):
     return repr(value)
 
 
-_SANDBOX_CHILD = r'''
-import ast, builtins, io, json, math, os, posix, resource, signal, sys
-req = json.loads(sys.stdin.read())
-result_file = io.open(os.dup(1), "wb")            # private channel for the answer
-null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(null, 1); os.dup2(null, 2)                # stray writes to fd 1/2 go nowhere
-cap, home = req["max_output"], os.path.realpath(os.getcwd())   # home: the private directory, removed afterwards
+def printable(text: str) -> str:
+    """Text that encodes as UTF-8 whatever it held: lone surrogates come back as \\udXXX escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
-def user_tasks():                                 # RLIMIT_NPROC counts every task (thread) of our uid
-    n = 0
-    for pid in os.listdir("/proc"):
+
+def _sandbox_isolate(home, disk, visible, preload, namespaces=True):
+    """[child] New PID, network, mount, IPC and user namespaces: the process forks once (what follows
+    runs as PID 1 of the new PID namespace; the outer process waits and ends as it ends) and pivots
+    into a new root, a tmpfs that holds only `visible` (bound read-only at the same paths), its own
+    /proc, and the private directory: a fresh tmpfs of `disk` bytes at `home`. As bubblewrap does,
+    unprivileged. Root builds the root first, then becomes nobody in a user namespace of its own.
+    Returns {layer: what was applied, or "no: why"}."""
+    import ctypes, os, signal
+    NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+    libc = ctypes.CDLL(None, use_errno=True)
+    root = os.geteuid() == 0
+    layers = {"nobody": f"uid {NOBODY}" if root else f"not root: runs as uid {os.getuid()}"}
+
+    def mount(src, target, fstype, flags, data=None):
+        enc = lambda s: s.encode() if s else None  # noqa: E731
+        if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
+            raise OSError(f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+    def map_ids(uid, gid):  # inside, uid and gid 0; outside, ours
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+
+    def new_root():
+        mount(None, "/", None, REC | PRIVATE)
+        new = home  # a tmpfs on the private directory's path (which stays empty outside)
+        mount("tmpfs", new, "tmpfs", NOSUID | NODEV, "size=1048576,mode=0755")
+        for path in visible:
+            target = new + path
+            if os.path.isdir(path):
+                os.makedirs(target, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                open(target, "w").close()
+            mount(path, target, None, BIND | REC)
+            st = os.statvfs(target).f_flag  # flags a user namespace may not drop: keep them, add read-only
+            kept = sum(m for bit, m in ((2, NOSUID), (4, NODEV), (8, NOEXEC), (1024, 1024), (2048, 2048), (4096, 1 << 21)) if st & bit)
+            mount(None, target, None, REMOUNT | BIND | RDONLY | kept)
+        os.makedirs(new + home)
+        owner = f",uid={NOBODY},gid={NOBODY}" if root else ""
+        mount("tmpfs", new + home, "tmpfs", NOSUID | NODEV, f"size={disk},nr_inodes=4096,mode=0700{owner}")
+        layers["tmpfs"] = f"{disk // 2**20} MB"
+        os.makedirs(new + "/proc")
         try:
-            if pid.isdigit() and os.stat(f"/proc/{pid}").st_uid == os.getuid(): n += len(os.listdir(f"/proc/{pid}/task"))
-        except OSError: pass
-    return n
-threads = user_tasks() + req["max_threads"]       # a few threads (threading, concurrent.futures); no fork bomb
-for lim, soft, hard in ((resource.RLIMIT_AS, req["max_memory"], req["max_memory"]),
-                        (resource.RLIMIT_CPU, req["cpu_seconds"], req["cpu_seconds"] + 1),
-                        (resource.RLIMIT_NPROC, threads, threads),     # ignored for root
-                        (resource.RLIMIT_FSIZE, req["max_file"], req["max_file"]),
-                        (resource.RLIMIT_CORE, 0, 0)):
-    try: resource.setrlimit(lim, (soft, hard))
-    except (ValueError, OSError): pass
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # an oversize write raises instead of killing us
+            mount("proc", new + "/proc", "proc", NOSUID | NODEV | NOEXEC)
+        except OSError as e:  # containers that mask parts of /proc refuse a new one: none then
+            layers["namespaces"] += f" (no /proc: {e})"
+        os.chdir(new)
+        if libc.syscall({"x86_64": 155, "aarch64": 41}[os.uname().machine], b".", b".") != 0:  # pivot_root(".", ".")
+            raise OSError(f"pivot_root: {os.strerror(ctypes.get_errno())}")
+        libc.umount2(b".", 2)  # MNT_DETACH: the old root, gone
+        mount(None, "/", None, REMOUNT | RDONLY | NOSUID | NODEV)  # the new root itself, read-only
+        os.chdir(home)
+        layers["namespaces"] += f", a new root with {len(visible)} paths read-only"
 
-DISPLAY_VALUE_SOURCE
-class OutputLimitExceeded(Exception): pass
-class Capped(io.TextIOBase):                      # stdout that stops the program past `cap` chars
-    def __init__(self): self.parts, self.n = [], 0
-    def writable(self): return True
-    def write(self, s):
-        if self.n + len(s) > cap:
-            self.parts.append(s[:cap - self.n]); self.n = cap
-            raise OutputLimitExceeded(f"output over {cap} characters")
-        self.parts.append(s); self.n += len(s); return len(s)
-    def getvalue(self): return "".join(self.parts)
-
-# Python-level guards (a second layer): no processes, signals or environment changes; writes, renames
-# and deletions only inside `home` (where TMPDIR points, so tempfile works); reading is allowed.
-def disabled(*args, **kwargs): raise PermissionError("disabled in the sandbox")
-for name in ("system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle",
-             "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-             "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill",
-             "killpg", "mkfifo", "mknod", "chmod", "chown", "lchown", "truncate", "symlink", "link",
-             "putenv", "unsetenv", "chdir", "chroot", "setuid", "setgid"):
-    for module in (os, posix):                    # posix: the C functions behind os
-        if hasattr(module, name): setattr(module, name, disabled)
-def inside(path, dir_fd=None):
-    if isinstance(path, int): return True         # an open descriptor, checked when it was opened
-    base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else home
-    full = os.path.realpath(os.path.join(base, os.fsdecode(path)))
-    return full == home or full.startswith(home + os.sep)
-def writes_inside(fn, paths, fd_keys):            # fn(path, ...) may only touch paths inside home
-    def guarded(*args, **kwargs):
-        for path, key in zip(args[:paths], fd_keys):
-            if not inside(path, kwargs.get(key)): raise PermissionError(f"writes outside the sandbox directory are disabled: {path!r}")
-        return fn(*args, **kwargs)
-    return guarded
-for name, paths, keys in (("mkdir", 1, ["dir_fd"]), ("makedirs", 1, [None]), ("rmdir", 1, ["dir_fd"]),
-                          ("remove", 1, ["dir_fd"]), ("unlink", 1, ["dir_fd"]), ("removedirs", 1, [None]),
-                          ("rename", 2, ["src_dir_fd", "dst_dir_fd"]), ("replace", 2, ["src_dir_fd", "dst_dir_fd"]),
-                          ("renames", 2, [None, None])):
-    for module in (os, posix):
-        if hasattr(module, name): setattr(module, name, writes_inside(getattr(module, name), paths, keys))
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-real_os_open = os.open
-def checked_os_open(path, flags, *args, **kwargs):
-    if flags & WRITE_FLAGS and not inside(path, kwargs.get("dir_fd")): raise PermissionError(f"file writes outside the sandbox directory are disabled: {path!r}")
-    return real_os_open(path, flags, *args, **kwargs)
-os.open = posix.open = checked_os_open
-real_open = io.open
-def checked_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and not inside(file): raise PermissionError(f"file writes outside the sandbox directory are disabled: {file!r}")
-    return real_open(file, mode, *args, **kwargs)
-builtins.open = io.open = checked_open
-class CheckedFileIO(io.FileIO):
-    def __init__(self, file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not inside(file): raise PermissionError(f"file writes outside the sandbox directory are disabled: {file!r}")
-        super().__init__(file, mode, *args, **kwargs)
-io.FileIO = CheckedFileIO
-for name in ("subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "socket",
-             "_socket", "ssl", "_ssl", "select", "selectors", "asyncio", "ctypes", "_ctypes", "pty",
-             "urllib.request", "http.client", "ftplib", "smtplib", "resource"):
-    sys.modules[name] = None                      # `import socket` now raises ImportError
-
-out, err = Capped(), Capped()
-sys.stdout, sys.stderr = out, err
-error = None
-try:
-    tree = ast.parse(req["code"], "<sandbox>")
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    env = {"__name__": "__main__", "__builtins__": builtins}
-    exec(compile(tree, "<sandbox>", "exec"), env)
-    if last is not None:                          # like a REPL: show the last expression's value
-        value = eval(compile(ast.Expression(last.value), "<sandbox>", "eval"), env)
-        if value is not None: print(display_value(value))
-except BaseException as e:                        # SystemExit too: a program that exits early did not finish
-    error = type(e).__name__ + (f": {e}" if str(e) else "")
-sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-result_file.write(json.dumps({"stdout": out.getvalue(), "stderr": err.getvalue(), "error": error}).encode())
-result_file.close()
-'''
+    uid, gid = os.getuid(), os.getgid()
+    if not namespaces:
+        layers.update(namespaces="no: left out", tmpfs="no: needs a mount namespace")
+    elif libc.unshare(NEWNS | NEWPID | NEWNET | NEWIPC | (0 if root else NEWUSER)) != 0:
+        layers.update(namespaces=f"no: unshare: {os.strerror(ctypes.get_errno())}", tmpfs="no: needs a mount namespace")
+    else:
+        if not root:
+            map_ids(uid, gid)
+        pid = os.fork()
+        if pid:  # the outer process: wait for the namespace's first process and end as it ended
+            os.closerange(3, 4096)  # not a holder of the answer channel: its end is the child's
+            status = os.waitpid(pid, 0)[1]
+            if os.WIFSIGNALED(status):
+                signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+                os.kill(os.getpid(), os.WTERMSIG(status))
+            os._exit(os.waitstatus_to_exitcode(status))
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: the wall clock kills the outer process, this dies too
+        layers["namespaces"] = "pid, net, mount, ipc" + ("" if root else ", user")
+        try:
+            new_root()
+        except OSError as e:  # half-way: what was built stays; root still becomes nobody below
+            layers["namespaces"] += f" (no new root: {e})"
+    if root:
+        if "tmpfs" not in layers or layers["tmpfs"].startswith("no:"):
+            os.chown(home, NOBODY, NOBODY)  # no tmpfs: the private directory itself becomes nobody's
+            stdlib = os.path.dirname(os.__file__).split("/")  # and no new root: can nobody still read Python?
+            if not all(os.stat("/".join(stdlib[:i]) or "/").st_mode & 1 for i in range(1, len(stdlib) + 1)):
+                for name in preload:  # no (it lives under /root, say): what the tool promises, imported now
+                    try:
+                        __import__(name)
+                    except ImportError:
+                        pass
+        os.setgroups([])
+        os.setresgid(NOBODY, NOBODY, NOBODY)
+        os.setresuid(NOBODY, NOBODY, NOBODY)
+        libc.prctl(4, 1)  # PR_SET_DUMPABLE: the setuid made /proc/self root's; our uid_map is ours to write
+    # last, a user namespace of its own that owns none of the namespaces above: no capability over its
+    # mounts, network or processes is left (and RLIMIT_NPROC counts only its own threads)
+    if layers["namespaces"].startswith("pid") and libc.unshare(NEWUSER) == 0:
+        try:
+            map_ids(os.getuid(), os.getgid())
+            layers["namespaces"] = layers["namespaces"].replace(", user", "") + ", user (owning none of them)"
+        except OSError:
+            pass
+    libc.prctl(4, 0)
+    return layers
 
 
-_SANDBOX_CHILD = _SANDBOX_CHILD.replace("DISPLAY_VALUE_SOURCE", inspect.getsource(display_value))
+def _sandbox_landlock(read_only, read_write):
+    """[child] Landlock: the paths in read_only may be read and executed, those in read_write used in
+    every way, the rest of the filesystem not at all; ABI 4+ also denies TCP bind and connect, ABI 6+
+    signals and abstract unix sockets to processes outside. Returns the ABI version applied."""
+    import ctypes, os, struct
+    libc = ctypes.CDLL(None, use_errno=True)
+    abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    if abi < 1:
+        raise OSError(f"no: {os.strerror(ctypes.get_errno())}")
+    fs = (1 << 13) - 1 | (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0) | (1 << 15 if abi >= 5 else 0)
+    attr = struct.pack("QQQ", fs, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)[:8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = libc.syscall(444, attr, len(attr), 0)
+    if ruleset < 0:
+        raise OSError(f"no: landlock_create_ruleset: {os.strerror(ctypes.get_errno())}")
+    read, file_rights = 1 << 0 | 1 << 2 | 1 << 3, 1 << 0 | 1 << 1 | 1 << 2 | 1 << 14 | 1 << 15  # execute, read file/dir
+    for paths, access in ((read_only, read), (read_write, fs)):
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            allowed = access & fs & (file_rights if not os.path.isdir(path) else ~0)
+            ok = libc.syscall(445, ruleset, 1, struct.pack("=Qi", allowed, fd), 0) == 0  # LANDLOCK_RULE_PATH_BENEATH
+            os.close(fd)
+            if not ok:
+                raise OSError(f"no: landlock_add_rule {path}: {os.strerror(ctypes.get_errno())}")
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if libc.syscall(446, ruleset, 0) != 0:
+        raise OSError(f"no: landlock_restrict_self: {os.strerror(ctypes.get_errno())}")
+    os.close(ruleset)
+    return abi
+
+
+def _sandbox_seccomp():
+    """[child] The last layer, a seccomp filter: clone only with CLONE_THREAD and no namespace flag
+    (threads, no processes; clone3 answers ENOSYS so that libc falls back to clone), socket only
+    AF_UNIX, and none of ptrace, mount, namespaces, kexec, bpf, keyctl, modules, io_uring, reboot,
+    swap, clocks, accounting. x86-64 and aarch64."""
+    import ctypes, os, struct
+    EPERM, ENOSYS, EAFNOSUPPORT = 1, 38, 97
+    tables = {  # machine: (audit arch, clone, clone3, socket, denied syscalls)
+        "x86_64": (0xC000003E, 56, 435, 41, [57, 58, 101, 103, 134, 155, 161, 163, 164, 165, 166, 167, 168, 169, 170,
+                                             171, 172, 173, 175, 176, 179, 212, 227, 246, 248, 249, 250, 272, 298, 303,
+                                             304, 308, 310, 311, 312, 313, 320, 321, 323, 425, 426, 427, 428, 429, 430,
+                                             431, 432, 433, 442]),
+        "aarch64": (0xC00000B7, 220, 435, 198, [18, 39, 40, 41, 51, 58, 60, 89, 97, 104, 105, 106, 112, 116, 117, 142,
+                                                161, 162, 170, 217, 218, 219, 224, 225, 241, 264, 265, 268, 270, 271, 272,
+                                                273, 280, 282, 294, 425, 426, 427, 428, 429, 430, 431, 432, 433, 442]),
+    }
+    machine = os.uname().machine
+    if machine not in tables:
+        raise OSError(f"no: no syscall table for {machine}")
+    audit, clone, clone3, socket, denied = tables[machine]
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, ...|JGE|K, ...|JSET|K, BPF_RET|K
+    ALLOW, KILL = 0x7FFF0000, 0x80000000
+    errno = lambda e: 0x00050000 | e
+    op = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
+    prog = [op(LD, 4), op(JEQ, audit, 1, 0), op(RET, KILL), op(LD, 0)]  # seccomp_data.arch, then .nr
+    if machine == "x86_64":
+        prog += [op(JGE, 0x40000000, 0, 1), op(RET, errno(EPERM))]  # the x32 ABI
+    for nr in denied:
+        prog += [op(JEQ, nr, 0, 1), op(RET, errno(EPERM))]
+    prog += [op(JEQ, clone3, 0, 1), op(RET, errno(ENOSYS)),
+             op(JEQ, socket, 0, 4), op(LD, 16), op(JEQ, 1, 0, 1), op(RET, ALLOW), op(RET, errno(EAFNOSUPPORT)),
+             op(JEQ, clone, 0, 6), op(LD, 16), op(JSET, 0x7E020000, 0, 1), op(RET, errno(EPERM)),  # CLONE_NEW* flags
+             op(JSET, 0x10000, 0, 1), op(RET, ALLOW), op(RET, errno(EPERM)),  # CLONE_THREAD: a thread
+             op(RET, ALLOW)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = ctypes.create_string_buffer(b"".join(prog))
+    fprog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code)))
+    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+    if libc.prctl(22, 2, fprog, 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(f"no: {os.strerror(ctypes.get_errno())}")
+    return f"{len(denied)} syscalls denied, no processes, AF_UNIX sockets only"
+
+
+def _sandbox_guards(home):
+    """[child] The second layer, in Python (undone by anyone who tries; the kernel's layers hold then):
+    no processes, signals or environment changes; writes, renames and deletions only inside home;
+    no subprocess, socket, ctypes or resource modules."""
+    import builtins, io, os, posix, sys
+
+    def disabled(*args, **kwargs):
+        raise PermissionError("disabled in the sandbox")
+    for name in ("system", "popen", "fork", "forkpty", "vfork", "execv", "execve", "execl", "execle", "execlp",
+                 "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
+                 "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "kill", "killpg", "mkfifo", "mknod", "putenv",
+                 "unsetenv", "chdir", "chroot", "setuid", "setgid"):
+        for module in (os, posix):  # posix: the C functions behind os
+            if hasattr(module, name):
+                setattr(module, name, disabled)
+
+    def inside(path, dir_fd=None):
+        if isinstance(path, int):
+            return True  # an open descriptor, checked when it was opened
+        base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else home
+        full = os.path.realpath(os.path.join(base, os.fsdecode(path)))
+        return full == home or full.startswith(home + os.sep)
+
+    def refuse(path):
+        raise PermissionError(f"writes outside the sandbox directory are disabled: {path!r}")
+
+    def writes_inside(fn, checks):  # checks: (argument position, its dir_fd keyword) of each path changed
+        def guarded(*args, **kwargs):
+            for i, key in checks:
+                if i < len(args) and not inside(args[i], kwargs.get(key)):
+                    refuse(args[i])
+            return fn(*args, **kwargs)
+        return guarded
+    one, two = [(0, "dir_fd")], [(0, "src_dir_fd"), (1, "dst_dir_fd")]
+    for name, checks in (("mkdir", one), ("makedirs", one), ("rmdir", one), ("remove", one), ("unlink", one),
+                         ("removedirs", one), ("chmod", one), ("chown", one), ("lchown", one), ("truncate", one),
+                         ("utime", one), ("rename", two), ("replace", two), ("renames", two), ("link", two),
+                         ("symlink", [(1, "dir_fd")])):
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, writes_inside(getattr(module, name), checks))
+    write_flags, os_open, io_open = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, os.open, io.open
+
+    def checked_os_open(path, flags, *args, **kwargs):
+        if flags & write_flags and not inside(path, kwargs.get("dir_fd")):
+            refuse(path)
+        return os_open(path, flags, *args, **kwargs)
+
+    def checked_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not inside(file):
+            refuse(file)
+        return io_open(file, mode, *args, **kwargs)
+
+    class CheckedFileIO(io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if any(c in mode for c in "wax+") and not inside(file):
+                refuse(file)
+            super().__init__(file, mode, *args, **kwargs)
+    os.open = posix.open = checked_os_open
+    builtins.open = io.open = checked_open
+    io.FileIO = CheckedFileIO
+    for name in ("subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "socket", "_socket", "ssl",
+                 "_ssl", "select", "selectors", "asyncio", "ctypes", "_ctypes", "pty", "urllib.request", "http.client",
+                 "ftplib", "smtplib", "resource"):
+        sys.modules[name] = None  # `import socket` now raises ImportError
+
+
+def _sandbox_main():
+    """[child] The sandbox process, start to end."""
+    import ast, builtins, io, json, os, resource, signal, sys
+    req = json.loads(sys.stdin.read())
+    result_file = io.open(os.dup(1), "wb")  # the private channel for the answer
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1), os.dup2(null, 2)  # stray writes to fd 1/2 go nowhere
+    home, layers = os.path.realpath(os.getcwd()), {}
+    with open("/proc/self/maps") as f:  # the shared libraries' directories: extension modules load from them
+        libs = {os.path.dirname(line.split()[-1]) for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    visible = {p for p in sys.path if p and os.path.exists(p)} | libs | {"/usr/share/zoneinfo", "/etc/localtime"}
+    visible = sorted(p for p in visible if os.path.exists(p) and not any(p.startswith(q + "/") for q in visible))
+    devices = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
+    try:
+        layers.update(_sandbox_isolate(home, req["max_disk"], visible + devices, req["stdlib"], "namespaces" not in req["without"]))
+    except OSError as e:  # a step the kernel refused half-way: the layers below still apply
+        layers["namespaces"] = f"no: {e}"
+    in_userns = "user" in layers.get("namespaces", "")
+    threads = req["max_threads"]
+    if not in_userns:  # RLIMIT_NPROC counts every task of the uid: allow ours on top of those
+        threads += sum(len(os.listdir(f"/proc/{p}/task")) for p in os.listdir("/proc") if p.isdigit()
+                       and os.path.exists(f"/proc/{p}/task") and os.stat(f"/proc/{p}").st_uid == os.getuid())
+    for lim, soft, hard in ((resource.RLIMIT_AS, req["max_memory"], req["max_memory"]),
+                            (resource.RLIMIT_CPU, req["cpu_seconds"], req["cpu_seconds"] + 1),
+                            (resource.RLIMIT_NPROC, threads, threads),
+                            (resource.RLIMIT_FSIZE, req["max_file"], req["max_file"]),
+                            (resource.RLIMIT_CORE, 0, 0)):
+        try:
+            resource.setrlimit(lim, (soft, hard))
+        except (ValueError, OSError):
+            pass
+    layers["limits"] = f"{req['max_memory'] // 2**20} MB, {req['cpu_seconds']} s CPU, {req['max_threads']} threads"
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversize write raises instead of killing us
+    for name, apply in (("landlock", lambda: f"ABI {_sandbox_landlock(visible + devices, [home, '/dev/null'])}"),
+                        ("seccomp", _sandbox_seccomp)):
+        try:
+            layers[name] = "no: left out" if name in req["without"] else apply()
+        except OSError as e:
+            layers[name] = str(e) if str(e).startswith("no:") else f"no: {e}"
+    _sandbox_guards(home)
+
+    cap = req["max_output"]
+
+    class OutputLimitExceeded(Exception):
+        pass
+
+    class Capped(io.TextIOBase):  # stdout that stops the program past `cap` characters
+        def __init__(self):
+            self.parts, self.n = [], 0
+
+        def writable(self):
+            return True
+
+        def write(self, s):
+            if self.n + len(s) > cap:
+                self.parts.append(s[:cap - self.n])
+                self.n = cap
+                raise OutputLimitExceeded(f"output over {cap} characters")
+            self.parts.append(s)
+            self.n += len(s)
+            return len(s)
+
+        def getvalue(self):
+            return "".join(self.parts)
+    out, err = Capped(), Capped()
+    sys.stdout, sys.stderr = out, err
+    error = None
+    try:
+        tree = ast.parse(req["code"], "<sandbox>")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        env = {"__name__": "__main__", "__builtins__": builtins}
+        exec(compile(tree, "<sandbox>", "exec"), env)
+        if last is not None:  # like a REPL: show the last expression's value
+            value = eval(compile(ast.Expression(last.value), "<sandbox>", "eval"), env)
+            if value is not None:
+                print(display_value(value))
+    except BaseException as e:  # SystemExit too: a program that exits early did not finish
+        error = type(e).__name__ + (f": {e}" if str(e) else "")
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    answer = {"stdout": printable(out.getvalue()), "stderr": printable(err.getvalue()),
+              "error": None if error is None else printable(error), "layers": layers}
+    result_file.write(json.dumps(answer).encode())
+    result_file.close()
+    os._exit(0)  # now, whatever threads the code left running
+
+
+_SANDBOX_CHILD = "\n\n".join(["import math, os", f"NOBODY = {NOBODY}"] + [inspect.getsource(f) for f in (
+    display_value, printable, _sandbox_isolate, _sandbox_landlock, _sandbox_seccomp, _sandbox_guards, _sandbox_main)]
+    + ["_sandbox_main()"])
 
 
 @dataclass
@@ -181,44 +447,67 @@ class ExecResult:
     error: str | None = None
     stderr: str = ""
     timed_out: bool = False
+    layers: dict | None = None  # the sandbox's layers as applied ({layer: what, or "no: why"})
 
 
-def execute_code(code, timeout=SANDBOX_TIMEOUT, max_memory=SANDBOX_MEMORY, max_output=SANDBOX_OUTPUT):
-    """Run Python `code` in a fresh, limited process; returns ExecResult(success, stdout, error).
-
-    A guard against accidents (an infinite loop, a fork bomb, a huge allocation, a stray file
-    write or network call, a flood of output), NOT a security boundary: the limits are rlimits plus
-    a disabled os/subprocess/socket and writes confined to a private directory, which deliberate
-    code can get around. Never run untrusted code with it outside a container or VM. The limits:
-    wall clock `timeout` (the whole process group is killed), CPU time (RLIMIT_CPU), address space
-    `max_memory` (RLIMIT_AS), a few threads and no new processes (RLIMIT_NPROC, which Linux ignores
-    for root; the disabled os.fork/system/exec and subprocess/multiprocessing cover that case), files
-    of at most SANDBOX_FILE_BYTES written only in the private directory (TMPDIR, the working
-    directory; removed afterwards), stdout capped at `max_output` characters. The standard library
-    works (random, threading, logging, tempfile, ...). Success means the code ran to its end: an
-    exception or an early exit (sys.exit, SystemExit, os._exit) is a failure. The value of a last
-    expression is printed, like a REPL: "12*7" -> "84".
-    """
-    request = json.dumps({"code": code, "max_memory": int(max_memory), "max_output": int(max_output),
-                          "max_threads": SANDBOX_THREADS, "max_file": SANDBOX_FILE_BYTES,
+def execute_code(code, timeout=SANDBOX_TIMEOUT, max_memory=SANDBOX_MEMORY, max_output=SANDBOX_OUTPUT, without=()):
+    """Run Python `code` in a fresh process isolated by the kernel (the layers above, as far as this
+    machine allows); returns ExecResult(success, stdout, error, ..., layers). Limits: wall clock
+    `timeout` (the process group is killed, and with it the PID namespace), CPU time, address space
+    `max_memory`, SANDBOX_THREADS threads and no processes, files of SANDBOX_FILE_BYTES in a private
+    directory of SANDBOX_DISK bytes (its TMPDIR and working directory, removed afterwards), stdout
+    capped at `max_output` characters. The standard library works (random, threading, logging,
+    tempfile, ...). Success means the code ran to its end: an exception or an early exit (sys.exit,
+    SystemExit, os._exit) is a failure. The value of a last expression is printed, like a REPL:
+    "12*7" -> "84". Output that is not valid UTF-8 comes back escaped. `without`: layers to leave out,
+    as on a machine that lacks them (the tests' degraded machines)."""
+    request = json.dumps({"code": code, "max_memory": int(max_memory), "max_output": int(max_output), "without": list(without),
+                          "stdlib": SANDBOX_STDLIB,
+                          "max_threads": SANDBOX_THREADS, "max_file": SANDBOX_FILE_BYTES, "max_disk": SANDBOX_DISK,
                           "cpu_seconds": math.ceil(timeout) + 1})  # a backstop: the wall clock should fire first
     with tempfile.TemporaryDirectory(prefix="speedchat_sandbox_") as cwd:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _SANDBOX_CHILD], cwd=cwd, env={"TMPDIR": cwd},
+        proc = subprocess.Popen([SANDBOX_PYTHON, "-I", "-S", "-B", "-c", _SANDBOX_CHILD], cwd=cwd, env={"TMPDIR": cwd},
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 start_new_session=True)   # own process group: one kill gets all
         try:
-            raw, _ = proc.communicate(request.encode(), timeout=timeout)
+            raw = _read_answer(proc, request.encode(), timeout, limit=8 * max_output + 2**16)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return ExecResult(False, "", f"TimeoutError: execution took over {timeout:g} seconds", timed_out=True)
         _kill_group(proc)  # anything it left behind in its group
     try:
         res = json.loads(raw)
-    except ValueError:  # killed by a signal (CPU limit, segfault) before it could answer
+    except ValueError:  # killed by a signal (CPU limit, segfault) or flooded its answer channel
         if proc.returncode == -signal.SIGXCPU:
             return ExecResult(False, "", f"TimeoutError: execution took over {timeout:g} seconds of CPU", timed_out=True)
         return ExecResult(False, "", f"the sandbox process died (exit status {proc.returncode})")
-    return ExecResult(res["error"] is None, res["stdout"], res["error"], res["stderr"])
+    out = lambda key: printable(res[key]) if isinstance(res.get(key), str) else ""
+    return ExecResult(res.get("error") is None, out("stdout"), out("error") or None, out("stderr"), layers=res.get("layers"))
+
+
+def _read_answer(proc, request: bytes, timeout: float, limit: int) -> bytes:
+    """Send the request, read the answer until EOF, within the wall clock and at most `limit` bytes
+    (code that floods the answer channel gets a truncated, unreadable answer, not the server's memory)."""
+    deadline = time.monotonic() + timeout
+    try:
+        proc.stdin.write(request)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    fd, chunks, n = proc.stdout.fileno(), [], 0
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while n <= limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n += len(chunk)
+    proc.stdout.close()
+    return b"".join(chunks)[:limit]
 
 
 def _kill_group(proc):
@@ -261,6 +550,38 @@ def eval_arithmetic(code):
         return display_value(ev(tree.body))
     except (SyntaxError, ValueError, ArithmeticError, TypeError, RecursionError, MemoryError):
         return None
+
+
+_LAYER_ROLES = {"namespaces": "no other process, no network, a new root holding only the interpreter",
+                "nobody": "a server running as root runs the code as uid/gid 65534",
+                "landlock": "the filesystem: read-only the interpreter, read-write the private directory",
+                "seccomp": "no processes, no sockets but AF_UNIX, no ptrace/mount/bpf/keyctl/kexec",
+                "tmpfs": "the private directory's files capped in all",
+                "limits": "wall clock, CPU, memory, threads, file size, output"}
+
+
+@functools.lru_cache(maxsize=1)
+def sandbox_layers() -> dict:
+    """{layer: what is applied, or "no: why"} on this machine: one probe run of the sandbox, cached."""
+    layers = execute_code("pass").layers or {}
+    return {name: layers.get(name, "no: the sandbox did not answer") for name in SANDBOX_LAYERS}
+
+
+def sandbox_complete(layers=None) -> bool:
+    """Every layer applied ("nobody" applies to root only)."""
+    return not any(v.startswith("no:") for v in (layers or sandbox_layers()).values())
+
+
+def sandbox_summary(layers=None) -> str:
+    layers = layers or sandbox_layers()
+    missing = [f"{k} ({v[3:].strip() or 'unavailable'})" for k, v in layers.items() if v.startswith("no:")]
+    return ("python tool sandbox: " + "; ".join(f"{k}: {v}" for k, v in layers.items() if not v.startswith("no:"))
+            + (f" | MISSING: {', '.join(missing)}" if missing else " | every layer active"))
+
+
+def refuse_tool(code):
+    """The python tool where a server requires the full sandbox and this machine lacks part of it."""
+    return "Error: the python tool is disabled on this server (its sandbox is incomplete on this machine)"
 
 
 def run_tool(code):
@@ -407,6 +728,15 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(device) else contextlib.nullcontext()
 
 
+_said_sandbox = False
+
+
+def _say_sandbox():
+    global _said_sandbox
+    _said_sandbox = True
+    print(sandbox_summary(), file=sys.stderr, flush=True)
+
+
 class Engine:
     """Generation for one model + tokenizer. tool(code) -> str is what python blocks run (run_tool:
     the arithmetic fast path, else the sandbox); pass tool=None to turn tool use off."""
@@ -414,6 +744,8 @@ class Engine:
     def __init__(self, model, tokenizer, tool=run_tool, bf16=None):
         """bf16: bf16 autocast and a bf16 KV cache (None: as training does on the model's device)."""
         self.model, self.tokenizer, self.tool = model, tokenizer, tool
+        if tool is run_tool and not _said_sandbox:  # once per process: what guards the python tool here
+            _say_sandbox()
         self.device = next(model.parameters()).device
         self.bf16 = use_bf16(self.device) if bf16 is None else bf16
         sp = tokenizer.special
@@ -598,12 +930,20 @@ def main(argv=None):
     x = sub.add_parser("exec", help="run Python code in the sandbox and print the result")
     x.add_argument("code", help="the code; '-' reads it from stdin")
     x.add_argument("--timeout", type=float, default=SANDBOX_TIMEOUT)
+    sub.add_parser("sandbox", help="which of the sandbox's protections this machine provides")
     args = parser.parse_args(argv)
     if args.command == "chat" and args.max_tokens < 1:
         parser.error(f"--max-tokens {args.max_tokens}: must be at least 1")
     if args.command == "chat" and args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"--top-p {args.top_p}: must be in (0, 1]")
 
+    if args.command == "sandbox":
+        layers = sandbox_layers()
+        print(f"{'layer':<11} {'active':<7} {'protects':<76} applied")
+        for name, what in layers.items():
+            print(f"{name:<11} {'no' if what.startswith('no:') else 'yes':<7} {_LAYER_ROLES[name]:<76} {what}")
+        print("every layer is active" if sandbox_complete(layers) else "some layers are missing: see 'applied'")
+        return 0
     if args.command == "exec":
         code = sys.stdin.read() if args.code == "-" else args.code
         r = execute_code(code, timeout=args.timeout)

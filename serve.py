@@ -779,6 +779,15 @@ input.focus();
 # __main__
 
 
+def python_tool(require_sandbox: bool):
+    """What the model's python blocks run: engine.run_tool, or, with --require-sandbox on a machine
+    that lacks one of the sandbox's layers, engine.refuse_tool (the model is told the tool is off)."""
+    if require_sandbox and not engine.sandbox_complete():
+        print("python tool: refused (--require-sandbox, and the sandbox is incomplete here)", flush=True)
+        return engine.refuse_tool
+    return engine.run_tool
+
+
 def load_workers(source, tag, step, num_gpus, device):
     """One Engine per device: num_gpus CUDA devices (0: all), or one CPU worker. (workers, meta)."""
     if device == "cuda" or (device is None and torch.cuda.is_available()):
@@ -808,6 +817,8 @@ def main(argv=None):
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait for a worker; more get 503")
     p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT, help="seconds a request waits for a worker")
     p.add_argument("--log-conversations", action="store_true", help="also log message text (off: only counts and times)")
+    p.add_argument("--require-sandbox", action="store_true",
+                   help="refuse the python tool unless every sandbox layer is active here (see python engine.py sandbox)")
     args = p.parse_args(argv)
     if args.num_gpus < 0:
         p.error(f"--num-gpus {args.num_gpus}: must be 0 (all) or more")
@@ -824,6 +835,8 @@ def main(argv=None):
         workers, meta = load_workers(args.source, args.tag, args.step, args.num_gpus, args.device)
     except (OSError, ValueError, tok.DataError) as e:  # no checkpoint, wrong tokenizer, ...
         raise SystemExit(f"serve.py: {e}") from None
+    for w in workers:
+        w.engine.tool = python_tool(args.require_sandbox)
     name = "-".join(str(x) for x in ("speedchat", args.source, args.tag, meta.get("step") and f"step{meta['step']}") if x)
     app = create_app(workers, model_name=name, completion=args.source == "base", max_queue=args.max_queue,
                      queue_timeout=args.queue_timeout, log_conversations=args.log_conversations)

@@ -195,6 +195,39 @@ def test_chat_stream_matches_the_engine(model, tokenizer):
     assert a == b
 
 
+def test_a_secret_in_the_servers_environment_never_reaches_a_client(tokenizer, monkeypatch, speedchat_home, tmp_path):
+    """A prompt steers the model into a python block that hunts for the server's secrets: its
+    environment, its /proc, a token file in $SPEEDCHAT_HOME. The client gets the tool's output, never
+    the secret, streaming or not (engine.run_tool, the real sandbox)."""
+    secret = "hf_" + "S3CR3T" * 4
+    monkeypatch.setenv("HF_TOKEN", secret)
+    (speedchat_home / "token").parent.mkdir(parents=True, exist_ok=True)
+    (speedchat_home / "token").write_text(secret)
+    code = (f"import os\nout = [dict(os.environ)]\nfor p in ['/proc/%d/environ' % os.getppid(), '/proc/{os.getpid()}/environ',"
+            f" '{speedchat_home / 'token'}', '/proc/self/environ']:\n    try: out.append(open(p, 'rb').read())\n"
+            f"    except Exception as e: out.append(repr(e))\nprint(out)")
+    sp = tokenizer.special
+    script = [sp("<|python_start|>")] + tokenizer.encode(code) + [sp("<|python_end|>")] + tokenizer.encode(" done") + [sp("<|assistant_end|>")]
+    client = app_for(ScriptedModel(script, tokenizer, sequence_len=4096), tokenizer, tool=engine.run_tool).test_client()
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", json={"messages": USER, "stream": stream, "max_tokens": 2000})
+        if stream:
+            text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events(r.data) if e != "[DONE]")
+        else:
+            text = r.json["choices"][0]["message"]["content"]
+        assert r.status_code == 200 and "TMPDIR" in text  # the tool ran and answered
+        assert secret not in text and "S3CR3T" not in r.data.decode()
+
+
+def test_require_sandbox_refuses_the_tool_where_a_layer_is_missing(monkeypatch):
+    full = {name: "yes" for name in engine.SANDBOX_LAYERS}
+    monkeypatch.setattr(engine, "sandbox_layers", lambda: full)
+    assert serve.python_tool(True) is engine.run_tool and serve.python_tool(False) is engine.run_tool
+    monkeypatch.setattr(engine, "sandbox_layers", lambda: {**full, "landlock": "no: kernel 5.4"})
+    assert serve.python_tool(False) is engine.run_tool
+    assert serve.python_tool(True) is engine.refuse_tool and engine.refuse_tool("12*7").startswith("Error:")
+
+
 def test_tool_calls_stream_as_kinds_and_round_trip(tokenizer):
     client = serve.create_app([engine.Engine(ScriptedModel(tool_script(tokenizer), tokenizer), tokenizer)]).test_client()
     msgs = [{"role": "user", "content": "What is 12*7?"}]
