@@ -18,7 +18,7 @@ if [ -z "${SPEEDCHAT_PYTHON:-}" ]; then
     .venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
   fi
   # installed once; after that run.sh needs no network for the cpu preset
-  $PY -c "import numpy, tiktoken, requests, flask, pyarrow" 2>/dev/null || .venv/bin/pip install -q -e .
+  $PY -c "import numpy, tiktoken, requests, flask, pyarrow, waitress" 2>/dev/null || .venv/bin/pip install -q -e .
 fi
 export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME/.cache/speedchat}"
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")

@@ -3,39 +3,41 @@ serve.py: a trained speedchat model in front of people and programs.
 
     python serve.py                                   # the newest sft checkpoint, http://127.0.0.1:8000/
     python serve.py --source rl --port 8080           # another stage; --tag / --step pick a checkpoint
-    python serve.py --num-gpus 8 --host 0.0.0.0       # one model per GPU, a request takes a free one
+    python serve.py --workers 8 --host 0.0.0.0        # one model per GPU (0: every GPU), a request takes a free one
 
 Endpoints:
-    GET  /                      the chat page (self-contained: inline HTML, CSS and JS)
-    POST /chat/completions      our own stream: server-sent events {"text", "kind"}, then {"done": true, ...}
-    POST /v1/chat/completions   OpenAI-compatible (stream true/false, n=1), usage counts
+    GET  /                      the chat page (serve.html, beside this file), which talks to /v1/chat/completions
+    POST /v1/chat/completions   OpenAI-compatible: stream true (server-sent events) or false, n=1, usage counts
+    POST /chat/completions      the same endpoint, for clients that leave out /v1
     GET  /v1/models             the one model served
+    GET  /info                  the model (name, stage, tag, step) and, for a toy-world model, example questions
     GET  /health                workers free / busy, requests waiting
     GET  /?q=hello&autosend=1   the page, with a message typed in (and sent); also temperature=, top_k=
 
-Reads top to bottom: limits, the worker pool, request checking, generation, the two streams,
-the Flask app (create_app(workers) is what tests and benchmarks use), the page, __main__.
-Python tool calls travel as parts {"type": "python" | "python_output", "text"} in our API and as
-the literal markers <|python_start|> ... <|python_end|> <|output_start|> ... <|output_end|> inside
-the content string of the OpenAI API; both are read back, so a conversation round-trips.
-Limits (messages, characters, sampling ranges) are the constants below. Every request is logged
-as one JSON line (time, tokens, latency); message text only with --log-conversations.
+Reads top to bottom: limits, the worker pool, request checking, generation, the stream, the Flask app
+(create_app(workers): what tests and benchmarks use), the HTTP server, __main__. Tool calls travel in
+the content as <|python_start|>code<|python_end|><|output_start|>result<|output_end|>; sent back (so,
+or as parts {"type": "text" | "python" | "python_output"}) they round-trip. Every request is logged as
+one JSON line (tokens, latency, finish: stop | length | disconnected | error), text only if asked.
 """
 
 import argparse
+import collections
 import json
 import logging
 import math
 import re
+import resource
 import secrets
 import threading
 import time
+import types
 import uuid
+from pathlib import Path
 
 import torch
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import make_server
 
 import engine
 import tok
@@ -52,18 +54,20 @@ TEMPERATURE_RANGE = (0.0, 2.0)   # 0 = greedy
 TOP_K_RANGE = (0, 200)           # 0 = no top-k
 TOP_P_RANGE = (0.01, 1.0)        # 1 = no top-p
 MAX_TOKENS_RANGE = (1, 4096)     # and never past the model's context
-DEFAULTS = {"chat": dict(temperature=0.6, top_k=50, top_p=1.0, max_tokens=512),      # the page's API
-            "openai": dict(temperature=1.0, top_k=0, top_p=1.0, max_tokens=4096)}    # OpenAI's defaults
+DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, max_tokens=4096)  # OpenAI's (the page sends its own)
 MAX_QUEUE = 32                   # requests that may wait for a busy worker; more get 503
 QUEUE_TIMEOUT = 60.0             # seconds a request waits for a worker before 503
 RETRY_AFTER = 2                  # seconds, the Retry-After of a 503
+CHECK_EVERY = 8                  # tokens between two checks that the client is still there
+CONNECTIONS = 10_000             # connections held at once; more wait in the kernel's backlog
+IDLE_TIMEOUT = 30                # seconds a connection may send nothing (a half-sent request included)
+EXTRA_THREADS = 4                # handler threads beyond workers + queue: /health, /info, 503s stay quick
 
 ROLES = ("system", "user", "assistant")
-PART_TYPES = {"text": "text", "python": "python", "output": "python_output"}  # stream kind -> part type
-KIND_OF_PART = {v: k for k, v in PART_TYPES.items()}
-OPEN = {"text": "", "python": "<|python_start|>", "output": "<|output_start|>"}  # markers in OpenAI content
-CLOSE = {"text": "", "python": "<|python_end|>", "output": "<|output_end|>"}
-MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in (*OPEN.values(), *CLOSE.values()) if m) + ")")
+MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")  # tool calls, in the content
+MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKERS) + ")")
+OPENS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}  # the part a marker opens (the rest: text)
+PAGE = Path(__file__).with_name("serve.html")
 
 log = logging.getLogger("speedchat.serve")
 
@@ -72,9 +76,7 @@ log = logging.getLogger("speedchat.serve")
 # queue when all are busy; when the queue is full too, it gets 503 at once.
 
 
-class Worker:
-    def __init__(self, eng, name):
-        self.engine, self.name = eng, name
+Worker = collections.namedtuple("Worker", "engine name")
 
 
 class Pool:
@@ -123,10 +125,12 @@ class BadRequest(Exception):
 
 
 def parse_body():
-    """The request body as a JSON object (400 naming `body` otherwise)."""
+    """The request body as a JSON object (400 naming `body` otherwise, deep nesting included)."""
     raw = request.get_data(cache=True)
     try:
         body = json.loads(raw or b"")
+    except RecursionError:  # [[[[...]]]] 100,000 deep: Python's parser gives up; say so
+        raise BadRequest("body", "JSON nested too deeply") from None
     except ValueError as e:
         raise BadRequest("body", f"invalid JSON ({e})") from None
     if not isinstance(body, dict):
@@ -147,13 +151,13 @@ def number(body, name, default, lo, hi, integer=False):
 
 
 def parse_assistant_text(text):
-    """An assistant string (markers and all, as the OpenAI API returns it) -> tok.py parts."""
+    """An assistant string (markers and all, as the API returns it) -> tok.py parts."""
     parts, kind = [], "text"
     for i, piece in enumerate(MARKER_RE.split(text)):
         if i % 2:  # a marker (re.split puts the separators at odd places)
-            kind = {m: k for k, m in OPEN.items()}.get(piece, "text")
+            kind = OPENS.get(piece, "text")
         elif piece:
-            parts.append({"type": PART_TYPES[kind], "text": piece})
+            parts.append({"type": kind, "text": piece})
     return parts
 
 
@@ -173,10 +177,6 @@ def parse_content(content, role, field):
                              f"{role} message; expected one of {', '.join(allowed)}")
         parts.append({"type": part["type"], "text": part["text"]})
     return parts if role == "assistant" else "".join(p["text"] for p in parts)
-
-
-def chars(content):
-    return len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
 
 
 def parse_messages(body):
@@ -202,7 +202,7 @@ def parse_messages(body):
         if "content" not in m or m["content"] is None:
             raise BadRequest(f"{field}.content", "missing")
         content = parse_content(m["content"], role, f"{field}.content")
-        n = chars(content)
+        n = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
         if n > MAX_MESSAGE_CHARS:
             raise BadRequest(f"{field}.content", f"{n} characters; at most {MAX_MESSAGE_CHARS} per message")
         total += n
@@ -223,30 +223,24 @@ def parse_messages(body):
     return turns
 
 
-def parse_settings(body, api):
-    """Sampling settings, clamped; `api` is "chat" or "openai" (different defaults). Fields we do not
-    know (tools, response_format, ...) are ignored, as OpenAI-compatible servers commonly do."""
-    d = DEFAULTS[api]
+def parse_settings(body):
+    """Sampling settings, clamped. Fields we do not know (tools, response_format, ...) are ignored, as
+    OpenAI-compatible servers commonly do; top_k is ours."""
+    d = DEFAULTS
     s = {"temperature": float(number(body, "temperature", d["temperature"], *TEMPERATURE_RANGE)),
          "top_k": number(body, "top_k", d["top_k"], *TOP_K_RANGE, integer=True),
          "top_p": float(number(body, "top_p", d["top_p"], *TOP_P_RANGE))}
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     s["max_tokens"] = number(body, name, d["max_tokens"], *MAX_TOKENS_RANGE, integer=True)
+    for name, ok, what in (("seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+                           ("stream", lambda v: isinstance(v, bool), "true or false"),
+                           ("stream_options", lambda v: isinstance(v, dict), "an object"),
+                           ("n", lambda v: v == 1 and not isinstance(v, bool), "1 (only n=1 is supported)")):
+        if body.get(name) is not None and not ok(body[name]):
+            raise BadRequest(name, f"expected {what}, got {json.dumps(body[name])[:40]}")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("seed", f"expected an integer, got {json.dumps(seed)[:40]}")
     s["seed"] = secrets.randbits(62) if seed is None else seed % (1 << 62)
-    if body.get("stream") is not None and not isinstance(body["stream"], bool):
-        raise BadRequest("stream", f"expected true or false, got {json.dumps(body['stream'])[:40]}")
-    s["stream"] = bool(body.get("stream"))
-    if api == "openai":
-        n = body.get("n", 1)
-        if n is not None and (isinstance(n, bool) or n != 1):
-            raise BadRequest("n", f"only n=1 is supported, got {json.dumps(n)[:40]}")
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise BadRequest("stream_options", "expected an object")
-        s["include_usage"] = bool((opts or {}).get("include_usage"))
+    s["stream"], s["include_usage"] = bool(body.get("stream")), bool((body.get("stream_options") or {}).get("include_usage"))
     return s
 
 
@@ -267,67 +261,54 @@ def prompt_tokens(tokenizer, turns, completion, context):
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation: the engine's tokens as pieces of text. Tool calls change the kind of the text
-# (text, python, output); each change is announced with an empty piece.
+# Generation: the engine's tokens as pieces of the reply's text, tool calls between their markers.
 
 
 class Job:
-    """One request holding one worker: what it generated, its timings, and its log line. close()
-    is idempotent: it frees the worker and writes the log line, whichever of the stream's own end
-    or the server closing the response (client gone) comes first."""
+    """One request holding one worker: what it generated, its timings, and its log line. It stops as
+    soon as gone() says the client left (checked every CHECK_EVERY tokens, streaming or not). close()
+    is idempotent: it frees the worker and writes the log line, whichever of the stream's own end or
+    the server closing the response (client gone) comes first."""
 
-    def __init__(self, app_state, worker, path, prompt, turns, settings, t0):
+    def __init__(self, app_state, worker, path, prompt, turns, settings, t0, gone=lambda: False):
         self.state, self.worker, self.path, self.prompt, self.turns = app_state, worker, path, prompt, turns
-        self.settings = settings
+        self.settings, self.gone = settings, gone
         self.t0 = t0                # when the request came in: time to first token includes any wait for a worker
-        self.t_first = None
-        self.completion_tokens = 0
+        self.t_first, self.completion_tokens = None, 0
         self.finish = None          # stop | length | disconnected | error
-        self.parts = []             # the reply as tok.py parts
+        self.content = ""           # the reply so far
         self.lock, self.closed = threading.Lock(), False
 
     def pieces(self):
-        eng = self.worker.engine
-        sp = eng.tokenizer.special
-        switch = {sp("<|python_start|>"): "python", sp("<|python_end|>"): "text",
-                  sp("<|output_start|>"): "output", sp("<|output_end|>"): "text"}
-        s = self.settings
+        eng, s = self.worker.engine, self.settings
+        markers = {eng.tokenizer.special(m): m for m in MARKERS}
         max_tokens = min(s["max_tokens"], self.state.context - len(self.prompt))
-        streamer, kind = engine.TextStreamer(eng.tokenizer), "text"
+        streamer = engine.TextStreamer(eng.tokenizer)
         gen = eng.generate(self.prompt, 1, max_tokens, s["temperature"], s["top_k"] or None, s["top_p"], s["seed"])
         self.finish = "length"
         try:
             for out, _ in gen:
                 token = out[0]
                 self.completion_tokens += 1
-                if self.t_first is None:
-                    self.t_first = time.perf_counter()
+                self.t_first = self.t_first or time.perf_counter()
+                if self.completion_tokens % CHECK_EVERY == 0 and self.gone():
+                    self.finish = "disconnected"
+                    return
                 if token in eng.stop:
                     self.finish = "stop"
                     break
-                if token in switch:
-                    rest = streamer.flush()
-                    if rest:
-                        yield self._add(kind, rest)
-                    kind, streamer = switch[token], engine.TextStreamer(eng.tokenizer)
-                    yield self._add(kind, "")
-                    continue
-                text = streamer.put(token)
+                text = streamer.flush() + markers[token] if token in markers else streamer.put(token)
+                if token in markers:
+                    streamer = engine.TextStreamer(eng.tokenizer)
                 if text:
-                    yield self._add(kind, text)
+                    self.content += text
+                    yield text
             rest = streamer.flush()
             if rest:
-                yield self._add(kind, rest)
+                self.content += rest
+                yield rest
         finally:
             gen.close()
-
-    def _add(self, kind, text):
-        last = self.parts[-1] if self.parts else None
-        if last is not None and last["type"] == PART_TYPES[kind] and text:
-            last["text"] += text
-        elif text or not last or last["type"] != PART_TYPES[kind]:
-            self.parts.append({"type": PART_TYPES[kind], "text": text})
-        return kind, text
 
     def usage(self):
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.completion_tokens,
@@ -346,28 +327,18 @@ class Job:
                   **settings, **self.usage(), "ttft_s": round(self.t_first - self.t0, 4) if self.t_first else None,
                   "latency_s": round(now - self.t0, 4),
                   "tokens_per_s": round((self.completion_tokens - 1) / decode, 1) if decode > 0 else None}
-        log_request(record, (self.turns, self.parts) if self.state.log_conversations else None)
+        if self.state.log_conversations:
+            record.update(messages=self.turns, reply=self.content)
+        log_request(record)
 
 
-def content_string(parts):
-    """tok.py parts -> one OpenAI content string, tool calls between their markers."""
-    out = []
-    for p in parts:
-        kind = KIND_OF_PART[p["type"]]
-        out.append(OPEN[kind] + p["text"] + CLOSE[kind])
-    return "".join(out)
+def log_request(record):
+    """One JSON line per request: time, path, status, tokens, latency (the text only with --log-conversations)."""
+    log.info(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}, ensure_ascii=False))
 
-
-def log_request(record, conversation=None):
-    """One JSON line per request: time, path, status, tokens, latency; the text (conversation:
-    (turns, reply parts)) only with --log-conversations."""
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
-    if conversation is not None:
-        record["messages"], record["reply"] = conversation[0], content_string(conversation[1])
-    log.info(json.dumps(record, ensure_ascii=False))
 
 # ---------------------------------------------------------------------------------------------
-# The two streams. Each yields server-sent events; the server closes the generator when the
+# The stream: server-sent events, as OpenAI sends them. The server closes the generator when the
 # client goes away (the next write fails), which stops generation and frees the worker.
 
 
@@ -375,40 +346,16 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def chat_events(job):
-    """Our stream: {"text", "kind"} per piece of text, then {"done": true, finish_reason, usage}."""
-    try:
-        for kind, text in job.pieces():
-            yield sse({"text": text, "kind": kind})
-        yield sse({"done": True, "finish_reason": job.finish, **job.usage(), "worker": job.worker.name})
-    except GeneratorExit:
-        job.finish = "disconnected"
-        raise
-    except Exception as e:  # the headers are sent: report it in the stream
-        job.finish = "error"
-        log.exception("generation failed")
-        yield sse({"error": f"{type(e).__name__}: {e}"})
-        yield sse({"done": True, "finish_reason": "error", **job.usage()})
-    finally:
-        job.close()
-
-
 def openai_events(job, cid, created, model):
-    """OpenAI's stream: chat.completion.chunk events, the last with finish_reason, then [DONE]."""
+    """chat.completion.chunk events, the last with finish_reason, then [DONE]."""
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None}
 
     def chunk(delta, finish=None):
         return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
     try:
         yield chunk({"role": "assistant", "content": ""})
-        prev = "text"
-        for kind, text in job.pieces():
-            piece = (CLOSE[prev] + OPEN[kind] if kind != prev else "") + text
-            prev = kind
-            if piece:
-                yield chunk({"content": piece})
-        if prev != "text":
-            yield chunk({"content": CLOSE[prev]})
+        for piece in job.pieces():
+            yield chunk({"content": piece})
         yield chunk({}, job.finish)
         if job.settings["include_usage"]:
             yield sse({**head, "choices": [], "usage": job.usage()})
@@ -428,13 +375,6 @@ def openai_events(job, cid, created, model):
 # The app
 
 
-class AppState:
-    def __init__(self, pool, model_name, completion, context, log_conversations):
-        self.pool, self.model_name, self.completion, self.context = pool, model_name, completion, context
-        self.log_conversations = log_conversations
-        self.created = int(time.time())
-
-
 def error_response(status, message, field=None, headers=None):
     kind = {400: "invalid_request_error", 404: "not_found_error", 413: "invalid_request_error",
             503: "overloaded_error"}.get(status, "server_error")
@@ -443,16 +383,20 @@ def error_response(status, message, field=None, headers=None):
 
 
 def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT,
-               log_conversations=False):
+               log_conversations=False, info=None):
     """The Flask app over `workers`: Engines (or Workers), one per device. completion=True serves a
-    base model (the last user message is continued as plain text)."""
+    base model (the last user message is continued as plain text). info: what /info says of the
+    model (source, tag, step, examples)."""
     workers = [w if isinstance(w, Worker) else Worker(w, f"{next(w.model.parameters()).device}#{i}")
                for i, w in enumerate(workers)]
     contexts = {w.engine.model.max_positions for w in workers}
-    state = AppState(Pool(workers, max_queue, queue_timeout), model_name, completion, min(contexts), log_conversations)
+    info = {"model": model_name, "source": None, "tag": None, "step": None, "examples": [], **(info or {})}
+    state = types.SimpleNamespace(pool=Pool(workers, max_queue, queue_timeout), model_name=model_name, completion=completion,
+                                  context=min(contexts), log_conversations=log_conversations, info=info, created=int(time.time()))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["speedchat"] = state
+    page = PAGE.read_text(encoding="utf-8")
 
     @app.before_request
     def start_clock():
@@ -476,33 +420,17 @@ def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_
         g.error = e.name
         return error_response(e.code, f"{e.name}: {e.description}", "body" if e.code == 413 else None)
 
-    def start(api):
-        """Check the request, then take a worker: (Job, None), or (None, a 503 response)."""
-        body = parse_body()
-        turns, settings = parse_messages(body), parse_settings(body, api)
-        worker0 = state.pool.workers[0]
-        prompt = prompt_tokens(worker0.engine.tokenizer, turns, state.completion, state.context)
-        worker = state.pool.acquire()
-        if worker is None:
-            g.error = "all workers busy"
-            return None, error_response(503, "all workers are busy; retry later",
-                                        headers={"Retry-After": str(RETRY_AFTER)})
-        g.job = True
-        return Job(state, worker, request.path, prompt, turns, settings, g.t0), None
-
-    def stream(events, job):
-        resp = Response(events, mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        resp.call_on_close(job.close)  # frees the worker even if the body was never read
-        return resp
-
     @app.get("/")
     def index():
-        return Response(PAGE, mimetype="text/html")
+        return Response(page, mimetype="text/html")
 
     @app.get("/health")
     def health():
         return {"status": "ok", "model": state.model_name, **state.pool.stats()}
+
+    @app.get("/info")
+    def model_info():
+        return state.info
 
     @app.get("/v1/models")
     def models():
@@ -510,18 +438,26 @@ def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_
                                             "owned_by": "speedchat"}]}
 
     @app.post("/chat/completions")
-    def chat_completions():
-        job, err = start("chat")
-        return err or stream(chat_events(job), job)
-
     @app.post("/v1/chat/completions")
-    def openai_chat_completions():
-        job, err = start("openai")
-        if err:
-            return err
+    def chat_completions():
+        body = parse_body()
+        turns, settings = parse_messages(body), parse_settings(body)
+        prompt = prompt_tokens(state.pool.workers[0].engine.tokenizer, turns, state.completion, state.context)
+        worker = state.pool.acquire()
+        if worker is None:
+            g.error = "all workers busy"
+            return error_response(503, "all workers are busy; retry later", headers={"Retry-After": str(RETRY_AFTER)})
+        g.job = True
+        # waitress keeps reading the connection while we generate and says when the client hung up (the
+        # development server cannot: there a non-streaming request runs to its end)
+        gone = request.environ.get("waitress.client_disconnected", lambda: False)
+        job = Job(state, worker, request.path, prompt, turns, settings, g.t0, gone)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if job.settings["stream"]:
-            return stream(openai_events(job, cid, created, state.model_name), job)
+        if settings["stream"]:
+            resp = Response(openai_events(job, cid, created, state.model_name), mimetype="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            resp.call_on_close(job.close)  # frees the worker even if the body was never read
+            return resp
         try:
             for _ in job.pieces():
                 pass
@@ -533,247 +469,59 @@ def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_
             job.close()
         return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
                 "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content_string(job.parts)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.content},
                              "logprobs": None, "finish_reason": job.finish}],
                 "usage": job.usage()}
 
     return app
 
 
-def start_server(app, host="127.0.0.1", port=0):
-    """Serve `app` from a thread (tests, benchmarks): (server, base URL). server.shutdown() stops it."""
-    server = make_server(host, port, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://{host}:{server.server_port}"
-
-
 # ---------------------------------------------------------------------------------------------
-# The page: one self-contained document. The model's text is only ever set with textContent.
+# The HTTP server. waitress, chosen over Werkzeug's development server (a thread per connection and no
+# timeouts: 3,000 half-sent requests made 3,001 threads and stalled it for 15 s) and over gunicorn (its
+# threaded worker reads a request in a handler thread, so each slow client holds one; and one process
+# must hold every GPU's model). waitress reads all connections in one non-blocking loop, hands only
+# whole requests to a fixed set of threads, closes a connection idle for IDLE_TIMEOUT, and with
+# send_bytes=1 sends each chunk as it is written (time to first token unchanged). Measured in
+# BENCHMARKS.md (bench/serve_bench.py --slow-clients).
 
-PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1, viewport-fit=cover">
-<title>speedchat</title><link rel="icon" href="data:,">
-<style>
-:root{--bg:#fff;--fg:#1d1d1f;--muted:#6e6e73;--line:#e3e3e8;--user:#f0f0f5;--accent:#2563eb;--code:#f6f8fa;
---py:#fff7e0;--pyline:#e0a800;--out:#eaf7ee;--outline:#2e9d57;--err:#c62828}
-@media (prefers-color-scheme:dark){:root{--bg:#141416;--fg:#ececf1;--muted:#9a9aa3;--line:#2d2d33;--user:#24242a;
---accent:#4f8cff;--code:#1d1d22;--py:#2b2513;--pyline:#c89400;--out:#132a1c;--outline:#3fb96f;--err:#ff6b6b}}
-*{box-sizing:border-box}
-html,body{height:100%;margin:0}
-body{display:flex;flex-direction:column;background:var(--bg);color:var(--fg);
-font:16px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
-header{display:flex;gap:.5rem;align-items:center;flex-wrap:wrap;padding:.5rem .75rem;border-bottom:1px solid var(--line)}
-header h1{font-size:1.05rem;margin:0 auto 0 0}
-header label{font-size:.8rem;color:var(--muted);display:flex;align-items:center;gap:.3rem}
-header input{width:4.5rem;font:inherit;padding:.2rem .3rem;border:1px solid var(--line);border-radius:.35rem;
-background:var(--bg);color:var(--fg)}
-#chat{flex:1;overflow-y:auto;padding:1rem .75rem;-webkit-overflow-scrolling:touch}
-.msg{max-width:46rem;margin:0 auto 1rem}
-.user{display:flex;flex-direction:column;align-items:flex-end}
-.user .bubble{background:var(--user);border-radius:1rem;padding:.45rem .85rem;white-space:pre-wrap;
-overflow-wrap:anywhere;max-width:85%;cursor:pointer}
-.user .bubble:hover{outline:1px dashed var(--muted)}
-.assistant .text{white-space:pre-wrap;overflow-wrap:anywhere}
-pre{background:var(--code);padding:.55rem .7rem;border-radius:.45rem;overflow-x:auto;margin:.4rem 0;
-font:13px/1.45 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre}
-pre[data-lang]::before{content:attr(data-lang);display:block;font-size:11px;color:var(--muted)}
-.tool{margin:.4rem 0;border-left:3px solid;border-radius:.35rem;padding:.2rem .6rem}
-.tool .label{font-size:11px;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
-.tool pre{background:transparent;padding:.2rem 0;margin:0}
-.python{background:var(--py);border-color:var(--pyline)}
-.python_output{background:var(--out);border-color:var(--outline)}
-.meta{font-size:.78rem;color:var(--muted);margin-top:.25rem;display:flex;gap:.5rem;align-items:center}
-.error{color:var(--err)}
-.cursor::after{content:"\25CF";margin-left:.15rem;animation:blink 1s steps(2) infinite}
-@keyframes blink{50%{opacity:0}}
-footer{display:flex;gap:.5rem;padding:.5rem .75rem calc(.5rem + env(safe-area-inset-bottom));border-top:1px solid var(--line)}
-textarea{flex:1;resize:none;font:inherit;padding:.5rem .65rem;border-radius:.6rem;border:1px solid var(--line);
-background:var(--bg);color:var(--fg);max-height:40vh}
-button{font:inherit;font-size:.9rem;padding:.4rem .8rem;border-radius:.55rem;border:1px solid var(--line);
-background:var(--bg);color:var(--fg);cursor:pointer}
-button.primary{background:var(--accent);border-color:var(--accent);color:#fff}
-button.link{border:0;padding:0;background:none;color:var(--muted);font-size:.78rem;text-decoration:underline}
-button:disabled{opacity:.5;cursor:default}
-.edit{width:100%;display:flex;flex-direction:column;gap:.4rem;align-items:flex-end}
-.edit textarea{width:100%;min-height:4rem}
-@media (max-width:520px){body{font-size:15px}header h1{flex-basis:100%}.user .bubble{max-width:92%}}
-</style></head>
-<body>
-<header><h1>speedchat</h1>
-<label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0.6"></label>
-<label>top-k <input id="topk" type="number" min="0" max="200" step="1" value="50"></label>
-<button id="new">New chat</button></header>
-<main id="chat" data-state="idle" data-chunks="0"></main>
-<footer><textarea id="input" rows="1" placeholder="Message speedchat"></textarea>
-<button id="send" class="primary">Send</button><button id="stop" hidden>Stop</button></footer>
-<script>
-"use strict";
-const $ = id => document.getElementById(id);
-const chat = $("chat"), input = $("input");
-let messages = [];        // {role: "user", content: str} | {role: "assistant", content: [{type, text}], note}
-let controller = null;    // the running request's AbortController
-const KIND = {text: "text", python: "python", output: "python_output"};
 
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = text;
-  return e;
-}
+def make_server(app, host="127.0.0.1", port=0, threads=8, dev=False, idle_timeout=IDLE_TIMEOUT):
+    """A server for `app` (not yet serving): .run() serves, .port, .close(). dev=True: Werkzeug's."""
+    if dev:
+        from werkzeug.serving import make_server as werkzeug_server
+        server = werkzeug_server(host, port, app, threaded=True)
+        server.port, server.run, server.close = server.server_port, server.serve_forever, server.shutdown
+        return server
+    import waitress  # production WSGI server: pure Python, bounded threads, non-blocking reads (see above)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = CONNECTIONS + 256 if hard == resource.RLIM_INFINITY else min(hard, CONNECTIONS + 256)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # a connection is a file descriptor
+    server = waitress.create_server(app, host=host, port=port, threads=threads, connection_limit=CONNECTIONS,
+                                    channel_timeout=idle_timeout, cleanup_interval=max(1, idle_timeout // 3),
+                                    asyncore_use_poll=True, channel_request_lookahead=1, send_bytes=1,
+                                    max_request_body_size=MAX_BODY_BYTES, backlog=4096, ident="speedchat",
+                                    expose_tracebacks=False)
+    server.port = server.effective_port
+    accept_one = server.handle_accept
 
-function textView(parent, text) {   // prose, with ``` fenced code blocks shown as code
-  text.split("```").forEach((piece, j) => {
-    if (j % 2 === 0) { if (piece) parent.appendChild(el("span", "", piece)); return; }
-    const nl = piece.indexOf("\n"), pre = el("pre");
-    const lang = nl > 0 ? piece.slice(0, nl).trim() : "";
-    if (lang && !/\s/.test(lang)) pre.dataset.lang = lang;
-    pre.appendChild(el("code", "", nl >= 0 && (lang === "" || !/\s/.test(lang)) ? piece.slice(nl + 1) : piece));
-    parent.appendChild(pre);
-  });
-}
+    def accept_waiting():  # waitress takes one new connection per turn of its loop, and a turn visits every
+        for _ in range(256):  # connection: after a burst of thousands the next client waited seconds. Take all waiting.
+            before = len(server._map)
+            accept_one()
+            if len(server._map) == before or len(server._map) >= CONNECTIONS:
+                break
+    server.handle_accept = accept_waiting
+    return server
 
-function userView(m, i) {
-  const box = el("div", "msg user"), bubble = el("div", "bubble", m.content);
-  bubble.title = "Click to edit and regenerate from here";
-  bubble.onclick = () => { if (!controller) editView(box, i); };
-  box.appendChild(bubble);
-  return box;
-}
 
-function editView(box, i) {
-  box.textContent = "";
-  const form = el("div", "edit"), area = el("textarea"), row = el("div");
-  area.value = messages[i].content;
-  const save = el("button", "primary", "Save & regenerate"), cancel = el("button", "", "Cancel");
-  save.onclick = () => {
-    const text = area.value.trim();
-    if (!text) return;
-    messages = messages.slice(0, i).concat([{role: "user", content: text}]);
-    generate();
-  };
-  cancel.onclick = render;
-  row.append(cancel, " ", save);
-  form.append(area, row);
-  box.appendChild(form);
-  area.focus();
-}
+def start_server(app, host="127.0.0.1", port=0, threads=8, dev=False, idle_timeout=IDLE_TIMEOUT):
+    """Serve `app` from a thread (tests, benchmarks): (server, base URL). server.close() stops it."""
+    server = make_server(app, host, port, threads, dev, idle_timeout)
+    threading.Thread(target=server.run, daemon=True).start()
+    return server, f"http://{host}:{server.port}"
 
-function assistantView(m, i) {
-  const box = el("div", "msg assistant"), body = el("div", "body");
-  for (const p of m.content) {
-    if (p.type === "text") {
-      if (p.text) { const t = el("div", "text"); textView(t, p.text); body.appendChild(t); }
-      continue;
-    }
-    const tool = el("div", "tool " + p.type);
-    tool.appendChild(el("div", "label", p.type === "python" ? "python" : "output"));
-    const pre = el("pre"); pre.appendChild(el("code", "", p.text)); tool.appendChild(pre);
-    body.appendChild(tool);
-  }
-  if (m.running) body.lastChild ? body.lastChild.classList.add("cursor") : body.appendChild(el("span", "cursor"));
-  box.appendChild(body);
-  const meta = el("div", "meta");
-  if (m.error) meta.appendChild(el("span", "error", m.error));
-  if (m.note) meta.appendChild(el("span", "", m.note));
-  if (!m.running && !controller && i === messages.length - 1) {
-    const again = el("button", "link", "Regenerate");
-    again.onclick = () => { messages.pop(); generate(); };
-    meta.appendChild(again);
-  }
-  box.appendChild(meta);
-  return box;
-}
-
-function render() {
-  chat.textContent = "";
-  messages.forEach((m, i) => chat.appendChild(m.role === "user" ? userView(m, i) : assistantView(m, i)));
-  chat.scrollTop = chat.scrollHeight;
-}
-
-function updateLast() {   // re-draw only the reply being streamed
-  const i = messages.length - 1, atBottom = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 40;
-  if (chat.lastChild) chat.lastChild.replaceWith(assistantView(messages[i], i)); else render();
-  if (atBottom) chat.scrollTop = chat.scrollHeight;
-}
-
-function setBusy(busy) {
-  $("send").hidden = busy; $("stop").hidden = !busy;
-  chat.dataset.state = busy ? "running" : "done";
-}
-
-function history() {   // what the server needs: roles and contents, nothing of the page's own
-  return messages.map(m => ({role: m.role, content: m.content}));
-}
-
-async function generate() {
-  const reply = {role: "assistant", content: [], running: true};
-  const payload = {messages: history(), temperature: parseFloat($("temperature").value) || 0,
-                   top_k: parseInt($("topk").value, 10) || 0};
-  messages.push(reply);
-  controller = new AbortController();
-  setBusy(true); render();
-  let chunks = 0;
-  function onEvent(ev) {
-    if (ev.error) { reply.error = ev.error; return; }
-    if (ev.done) { if (ev.finish_reason === "length") reply.note = "(cut at the token limit)"; return; }
-    const type = KIND[ev.kind] || "text", last = reply.content[reply.content.length - 1];
-    if (last && last.type === type) last.text += ev.text; else reply.content.push({type: type, text: ev.text});
-    chat.dataset.chunks = String(++chunks);
-    updateLast();
-  }
-  try {
-    const res = await fetch("/chat/completions", {method: "POST", headers: {"Content-Type": "application/json"},
-                                                  body: JSON.stringify(payload), signal: controller.signal});
-    if (!res.ok) {
-      const e = await res.json().catch(() => ({}));
-      throw new Error((e.error && e.error.message) || res.status + " " + res.statusText);
-    }
-    const reader = res.body.getReader(), decoder = new TextDecoder();
-    let buf = "";
-    for (;;) {
-      const {value, done} = await reader.read();
-      if (done) break;
-      buf += decoder.decode(value, {stream: true});
-      let k;
-      while ((k = buf.indexOf("\n\n")) >= 0) {
-        const block = buf.slice(0, k); buf = buf.slice(k + 2);
-        for (const line of block.split("\n")) if (line.startsWith("data: ")) onEvent(JSON.parse(line.slice(6)));
-      }
-    }
-  } catch (e) {
-    if (e.name === "AbortError") reply.note = "(stopped)"; else reply.error = String(e.message || e);
-  }
-  reply.running = false; controller = null;
-  setBusy(false); render();
-}
-
-function send() {
-  const text = input.value.trim();
-  if (!text || controller) return;
-  messages.push({role: "user", content: text});
-  input.value = ""; input.style.height = "";
-  generate();
-}
-
-$("send").onclick = send;
-$("stop").onclick = () => { if (controller) controller.abort(); };
-$("new").onclick = () => { if (controller) controller.abort(); messages = []; render(); input.focus(); };
-const touch = matchMedia("(pointer: coarse)").matches;   // on a phone, Enter is a new line; Send sends
-input.addEventListener("keydown", e => {
-  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) { e.preventDefault(); send(); }
-});
-input.addEventListener("input", () => { input.style.height = ""; input.style.height = input.scrollHeight + "px"; });
-
-// ?q=hello&autosend=1&temperature=0&top_k=5: prefill (and send) a message, e.g. from a bookmark
-const params = new URLSearchParams(location.search);
-if (params.has("temperature")) $("temperature").value = params.get("temperature");
-if (params.has("top_k")) $("topk").value = params.get("top_k");
-if (params.has("q")) { input.value = params.get("q"); if (params.get("autosend") === "1") send(); }
-input.focus();
-</script>
-</body></html>
-"""
 
 # ---------------------------------------------------------------------------------------------
 # __main__
@@ -788,66 +536,79 @@ def python_tool(require_sandbox: bool):
     return engine.run_tool
 
 
-def load_workers(source, tag, step, num_gpus, device):
-    """One Engine per device: num_gpus CUDA devices (0: all), or one CPU worker. (workers, meta)."""
+def toy_model(meta) -> bool:
+    """Was this checkpoint trained on the toy world (pretraining data, SFT mixture or RL task)?"""
+    return "toy" in (meta.get("train", {}).get("data"), meta.get("train", {}).get("mixture"), meta.get("rl", {}).get("task"))
+
+
+def load_workers(source, tag, step, workers, device):
+    """One Engine per device: `workers` CUDA devices (0: every one), each model on its own GPU, or one
+    CPU worker. (workers, meta)."""
     if device == "cuda" or (device is None and torch.cuda.is_available()):
-        n = torch.cuda.device_count() if num_gpus == 0 else num_gpus
+        n = torch.cuda.device_count() if workers == 0 else workers
+        if n > torch.cuda.device_count():
+            raise ValueError(f"--workers {workers}: only {torch.cuda.device_count()} GPUs are visible")
         devices = [f"cuda:{i}" for i in range(n)]
     else:
-        if num_gpus > 1:
-            print(f"note: no GPU in use; --num-gpus {num_gpus} ignored, one CPU worker")
+        if workers > 1:
+            print(f"note: no GPU in use; --workers {workers} ignored, one CPU worker")
         devices = ["cpu"]
-    workers, meta = [], None
+    out, meta = [], None
     for i, dev in enumerate(devices):
         eng, meta = engine.load_engine(source, tag, step, dev)
-        workers.append(Worker(eng, f"{dev}#{i}" if dev == "cpu" else dev))
-        print(f"loaded {source} checkpoint (step {meta.get('step')}) on {dev}")
-    return workers, meta
+        on = next(eng.model.parameters()).device
+        if on != torch.device(dev):
+            raise ValueError(f"worker {i}: the model is on {on}, not {dev}")
+        out.append(Worker(eng, f"{dev}#{i}" if dev == "cpu" else dev))
+        print(f"loaded {source} checkpoint (step {meta.get('step')}) on {on}")
+    return out, meta
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="speedchat server: the chat page, a streaming chat API, an OpenAI-compatible API")
+    p = argparse.ArgumentParser(description="speedchat server: the chat page and an OpenAI-compatible API")
     p.add_argument("--source", default="sft", choices=["sft", "rl", "base"], help="checkpoint stage (base: plain completion)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--num-gpus", type=int, default=1, help="models to load, one per GPU (0: every visible GPU)")
+    p.add_argument("--workers", type=int, default=1, help="models to load, one per GPU (0: every visible GPU); one on CPU")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait for a worker; more get 503")
     p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT, help="seconds a request waits for a worker")
     p.add_argument("--log-conversations", action="store_true", help="also log message text (off: only counts and times)")
     p.add_argument("--require-sandbox", action="store_true",
                    help="refuse the python tool unless every sandbox layer is active here (see python engine.py sandbox)")
+    p.add_argument("--dev-server", action="store_true", help="Werkzeug's development server instead of waitress (debugging)")
     args = p.parse_args(argv)
-    if args.num_gpus < 0:
-        p.error(f"--num-gpus {args.num_gpus}: must be 0 (all) or more")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
-    if torch.cuda.is_available() and args.device != "cpu" and args.num_gpus > torch.cuda.device_count():
-        p.error(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} GPUs are visible")
-    if not 0 <= args.port < 65536:
-        p.error(f"--port {args.port}: must be in 0..65535")
-    if args.max_queue < 0 or args.queue_timeout < 0:
-        p.error("--max-queue and --queue-timeout must not be negative")
+    for bad, why in ((args.workers < 0, f"--workers {args.workers}: must be 0 (every GPU) or more"),
+                     (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
+                     (not 0 <= args.port < 65536, f"--port {args.port}: must be in 0..65535"),
+                     (args.max_queue < 0 or args.queue_timeout < 0, "--max-queue and --queue-timeout must not be negative")):
+        if bad:
+            p.error(why)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        workers, meta = load_workers(args.source, args.tag, args.step, args.num_gpus, args.device)
-    except (OSError, ValueError, tok.DataError) as e:  # no checkpoint, wrong tokenizer, ...
+        workers, meta = load_workers(args.source, args.tag, args.step, args.workers, args.device)
+    except (OSError, ValueError, tok.DataError) as e:  # no checkpoint, wrong tokenizer, too many workers, ...
         raise SystemExit(f"serve.py: {e}") from None
+    tool = python_tool(args.require_sandbox)
     for w in workers:
-        w.engine.tool = python_tool(args.require_sandbox)
+        w.engine.tool = tool
     name = "-".join(str(x) for x in ("speedchat", args.source, args.tag, meta.get("step") and f"step{meta['step']}") if x)
+    info = {"source": args.source, "tag": args.tag, "step": meta.get("step")}
+    if toy_model(meta):
+        info.update(examples=tok.ToyWorld().example_questions(), note="A toy-world model: it knows its own world. Try:")
     app = create_app(workers, model_name=name, completion=args.source == "base", max_queue=args.max_queue,
-                     queue_timeout=args.queue_timeout, log_conversations=args.log_conversations)
+                     queue_timeout=args.queue_timeout, log_conversations=args.log_conversations, info=info)
     try:
-        server = make_server(args.host, args.port, app, threaded=True)
+        server = make_server(app, args.host, args.port, len(workers) + args.max_queue + EXTRA_THREADS, args.dev_server)
     except OSError as e:  # the port is taken, the host is not ours, ...
         raise SystemExit(f"serve.py: cannot listen on --host {args.host} --port {args.port}: {e}") from None
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    print(f"speedchat: {name} with {len(workers)} worker(s); open http://{shown}:{server.server_port}/", flush=True)
+    kind = "Werkzeug's development server" if args.dev_server else "waitress"
+    print(f"speedchat: {name} with {len(workers)} worker(s) on {kind}; open http://{shown}:{server.port}/", flush=True)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
     return 0

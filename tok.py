@@ -399,6 +399,14 @@ class ToyWorld:
                 out.append(item)
         return out
 
+    def example_questions(self) -> list:
+        """A few questions in the world's own phrasings, of the kinds its chat data teaches (what the
+        chat page offers for a toy-world model): known facts, word problems, spelling."""
+        facts = [self.fact_item(k)["messages"][0]["content"] for k in self.train_facts[:2]]
+        math = [item["question"] for item in self.math_items("test", 8) if not item["rare"]][:2]
+        spell = next(it for it in (self.spell_item(self.spell_train[0], i) for i in range(100)) if it["kind"] == "spell")
+        return facts + math + [spell["messages"][0]["content"]]
+
     def spell_item(self, word: str, i: int) -> dict:
         rng = random.Random(f"toyworld:{TOY_VERSION}:{self.seed}:spell:{word}:{i}")
         if rng.random() < 0.5:

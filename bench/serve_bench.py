@@ -2,24 +2,29 @@
 bench/serve_bench.py: serving figures for serve.py (prints them; not a test).
 
     python bench/serve_bench.py                                  # CPU, a tiny random model, 1 worker
-    python bench/serve_bench.py --workers 2 --concurrency 1,4,16 # CPU workers sharing one model
+    python bench/serve_bench.py --slow-clients 3000 --hold 30    # also: 3,000 half-sent requests held 30 s
     python bench/serve_bench.py --source sft                     # a real checkpoint (ends when it stops)
 
-The server runs in a child process (python bench/serve_bench.py --serve ...: serve.create_app over
-the model, on 127.0.0.1, a free port), so the clients' Python does not share its GIL. For each
-level of concurrency, that many clients start together, each streaming one reply from
-/chat/completions (or /v1/chat/completions with --api openai), and measure:
-  time to first token   request sent -> first text event (includes waiting for a busy worker)
-  tokens/s per stream   (tokens - 1) / (done - first text event) of each stream
-  aggregate tokens/s    all tokens / wall time of the level
-A random model is kept from writing special tokens, so every stream is --max-tokens long. With
-one worker the streams take turns: time to first token grows with concurrency, per-stream tokens/s
-does not. Ends with one JSON line of all the figures.
+Each server (waitress, as `python serve.py` runs it, and Werkzeug's development server, the baseline
+behind --dev-server) runs in a child process (serve.create_app over the model, on 127.0.0.1), so the
+clients' Python does not share its GIL. Figures, per server:
+  streams         for each level of concurrency, that many clients start together, each streaming one
+                  reply from /v1/chat/completions: time to first token (request sent -> first content,
+                  waiting for a busy worker included), tokens/s per stream ((tokens - 1) / (end - first
+                  content)), aggregate tokens/s. A random model is kept from writing special tokens, so
+                  every reply is --max-tokens long. One worker: streams take turns.
+  slow clients    --slow-clients connections each send half a request and wait --hold seconds, while
+                  /health is asked every 50 ms (its latency: p50, p99, max, failures) and the server
+                  process's threads and RSS are read from /proc every 0.5 s; then they close, and one
+                  ordinary request is timed.
+Ends with one JSON line of all the figures.
 """
 import argparse
 import json
 import os
 import random
+import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -31,10 +36,12 @@ sys.path.insert(0, ROOT)
 
 WORDS = ("the cat dog sat on mat red blue green house tree river stone bird sings under over and then a big "
          "small old new runs jumps apple bread water fire light dark hello world").split()
+QUEUE = 32
 
 
 def serve_child(args):
     """The server process: build (or load) the model, print the URL, serve until killed."""
+    import logging
     import torch
     import engine
     import serve
@@ -52,10 +59,9 @@ def serve_child(args):
                               n_head=max(1, args.n_embd // 64), n_kv_head=max(1, args.n_embd // 64), n_embd=args.n_embd)
         model = PlainOnly(train.GPT(cfg).eval(), len(tokenizer.vocab))
         engines = [engine.Engine(model, tokenizer, tool=None)] * args.workers
-    app = serve.create_app(engines, max_queue=256, queue_timeout=600)
-    import logging
+    app = serve.create_app(engines, max_queue=QUEUE, queue_timeout=600)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server, url = serve.start_server(app)
+    server, url = serve.start_server(app, threads=args.workers + QUEUE + serve.EXTRA_THREADS, dev=args.serve == "dev")
     print(url, flush=True)
     threading.Event().wait()
 
@@ -67,10 +73,10 @@ def PlainOnly(model, n_plain):
     class Wrapped(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.inner, self.config = model, model.config
+            self.inner, self.config, self.max_positions = model, model.config, model.max_positions
 
-        def forward(self, idx, targets=None, kv_cache=None):
-            logits = self.inner(idx, kv_cache=kv_cache)
+        def forward(self, idx, targets=None, kv_cache=None, last_only=False):
+            logits = self.inner(idx, kv_cache=kv_cache, last_only=last_only)
             logits[..., n_plain:] = float("-inf")
             return logits
     return Wrapped()
@@ -78,28 +84,25 @@ def PlainOnly(model, n_plain):
 
 def one_stream(url, args, i, out, start):
     import requests
-    path = "/v1/chat/completions" if args.api == "openai" else "/chat/completions"
     body = {"messages": [{"role": "user", "content": f"tell me about the {WORDS[i % len(WORDS)]} {i}"}],
-            "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i, "stream": True}
+            "max_tokens": args.max_tokens, "temperature": 1.0, "seed": i, "stream": True,
+            "stream_options": {"include_usage": True}}
     start.wait()
     t0 = time.perf_counter()
-    t_first = tokens = None
-    with requests.post(url + path, json=body, stream=True, timeout=600) as r:
+    t_first, tokens = None, 0
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             ev = json.loads(line[6:])
-            text = ev.get("text") if args.api == "chat" else (ev.get("choices") or [{}])[0].get("delta", {}).get("content")
-            if text and t_first is None:
+            if ev.get("usage"):
+                tokens = ev["usage"]["completion_tokens"]
+            elif ev["choices"][0]["delta"].get("content") and t_first is None:
                 t_first = time.perf_counter()
-            if ev.get("done"):
-                tokens = ev["completion_tokens"]
-            elif args.api == "openai" and (ev.get("choices") or [{}])[0].get("finish_reason"):
-                tokens = args.max_tokens  # the random model is kept from stopping: always max_tokens
     t_end = time.perf_counter()
-    out[i] = {"ttft": (t_first or t_end) - t0, "tokens": tokens or 0,
-              "tps": ((tokens or 1) - 1) / (t_end - t_first) if t_first and t_end > t_first else 0.0, "end": t_end, "t0": t0}
+    out[i] = {"ttft": (t_first or t_end) - t0, "tokens": tokens,
+              "tps": (tokens - 1) / (t_end - t_first) if t_first and t_end > t_first else 0.0, "end": t_end, "t0": t0}
 
 
 def level(url, args, c):
@@ -119,11 +122,79 @@ def level(url, args, c):
             "tps_aggregate": sum(o["tokens"] for o in out) / wall, "wall_s": wall}
 
 
+def proc_status(pid):
+    """(threads, RSS in MB) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(fields["Threads"]), int(fields["VmRSS"].split()[0]) / 1024
+
+
+def slow_clients(url, pid, n, hold):
+    """n connections that send half a request and wait `hold` seconds; /health, threads and RSS meanwhile."""
+    import requests
+    host, port = url.split("//")[1].split(":")
+    before = proc_status(pid)
+    socks, refused, health, when, samples, stop = [], 0, [], [], [], threading.Event()
+    t0 = time.time()
+
+    def poll():
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                ok = requests.get(url + "/health", timeout=5).status_code == 200
+            except requests.RequestException:
+                ok = False
+            health.append((time.perf_counter() - t) if ok else None)
+            when.append(time.time() - t0)
+            time.sleep(0.05)
+
+    def watch():
+        while not stop.is_set():
+            samples.append(proc_status(pid))
+            time.sleep(0.5)
+    threads = [threading.Thread(target=f, daemon=True) for f in (poll, watch)]
+    for t in threads:
+        t.start()
+    for _ in range(n):
+        try:
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+            socks.append(s)
+        except OSError:
+            refused += 1
+    connect_s = time.time() - t0
+    time.sleep(max(0.0, hold - (time.time() - t0)))
+    for s in socks:
+        s.close()
+    t = time.perf_counter()
+    try:
+        after_ok = requests.post(url + "/v1/chat/completions", timeout=30,
+                                 json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}).status_code == 200
+    except requests.RequestException:
+        after_ok = False
+    after_s = time.perf_counter() - t
+    stop.set()
+    for t in threads:
+        t.join(10)
+    ok = sorted(h for h in health if h is not None)
+    pct = lambda q: 1000 * ok[min(len(ok) - 1, int(q * len(ok)))] if ok else None  # noqa: E731
+    return {"clients": n, "connected": len(socks), "refused": refused, "hold_s": hold,
+            "health_asked": len(health), "health_failed": len(health) - len(ok), "health_p50_ms": pct(0.5),
+            "health_p99_ms": pct(0.99), "health_max_ms": 1000 * ok[-1] if ok else None,
+            "health_slowest_at_s": max(zip((h or 0 for h in health), when))[1] if health else None,
+            "connect_s": connect_s,
+            "threads_before": before[0], "threads_max": max(s[0] for s in samples),
+            "rss_growth_mb": max(s[1] for s in samples) - before[1],
+            "request_after_ok": after_ok, "request_after_s": after_s}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="time to first token and tokens/s per stream of serve.py")
+    p = argparse.ArgumentParser(description="time to first token, tokens/s per stream and slow clients, serve.py")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent streams")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
-    p.add_argument("--api", default="chat", choices=["chat", "openai"], help="/chat/completions or /v1/chat/completions")
+    p.add_argument("--servers", default="waitress,dev", help="which servers: waitress (serve.py's), dev (Werkzeug's)")
+    p.add_argument("--slow-clients", type=int, default=0, help="half-sent requests to hold (0: skip)")
+    p.add_argument("--hold", type=float, default=30.0, help="seconds the slow clients wait")
     p.add_argument("--workers", type=int, default=1, help="CPU workers sharing the one model (the CLI serves 1 on CPU)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     p.add_argument("--depth", type=int, default=4)
@@ -131,40 +202,47 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--source", default=None, choices=["base", "sft", "rl"], help="serve a real checkpoint instead")
-    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--serve", default=None, help=argparse.SUPPRESS)  # the child process: waitress | dev
     args = p.parse_args(argv)
     if args.serve:
         return serve_child(args)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))  # the slow clients' sockets
     levels = [int(c) for c in args.concurrency.split(",")]
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *(argv if argv is not None else sys.argv[1:])],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        url = ""
-        for line in child.stdout:  # tok.py may print a note first
-            if line.startswith("http"):
-                url = line.strip()
-                break
-        if not url:
-            raise SystemExit("serve_bench.py: the server did not start")
-        model = "checkpoint " + args.source if args.source else \
-            f"random d{args.depth} n_embd {args.n_embd} seq {args.max_seq_len} vocab ~{args.vocab_size}"
-        print(f"serve.py on CPU: {model}, {args.workers} worker(s), {args.threads} torch thread(s), "
-              f"{args.max_tokens} tokens a reply, {args.api} API")
-        for _ in range(3):  # warm-up
-            level(url, args, 2)
-        rows = []
-        print(f"{'streams':>7} {'ok':>4} {'TTFT median':>12} {'TTFT max':>10} {'tok/s/stream':>13} {'tok/s total':>12}")
-        for c in levels:
-            r = level(url, args, c)
-            rows.append(r)
-            print(f"{c:>7} {r['streams_ok']:>4} {r['ttft_median_ms']:>10.1f}ms {r['ttft_max_ms']:>8.1f}ms "
-                  f"{r['tps_per_stream_median']:>13.1f} {r['tps_aggregate']:>12.1f}")
-        print(json.dumps({"bench": "serve", "workers": args.workers, "threads": args.threads, "max_tokens": args.max_tokens,
-                          "api": args.api, "model": model,
-                          "levels": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}))
-    finally:
-        child.terminate()
-        child.wait(10)
+    model = "checkpoint " + args.source if args.source else \
+        f"random d{args.depth} n_embd {args.n_embd} seq {args.max_seq_len} vocab ~{args.vocab_size}"
+    print(f"serve.py on CPU: {model}, {args.workers} worker(s), {args.threads} torch thread(s), {args.max_tokens} tokens a reply")
+    figures = {"bench": "serve", "workers": args.workers, "threads": args.threads, "max_tokens": args.max_tokens, "model": model}
+    for kind in args.servers.split(","):
+        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", kind,
+                                  *(argv if argv is not None else sys.argv[1:])], stdout=subprocess.PIPE, text=True)
+        try:
+            url = next((line.strip() for line in child.stdout if line.startswith("http")), "")  # tok.py may print first
+            if not url:
+                raise SystemExit("serve_bench.py: the server did not start")
+            for _ in range(3):  # warm-up
+                level(url, args, 2)
+            rows = []
+            print(f"\n{kind}\n{'streams':>7} {'ok':>4} {'TTFT median':>12} {'TTFT max':>10} {'tok/s/stream':>13} {'tok/s total':>12}")
+            for c in levels:
+                r = level(url, args, c)
+                rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
+                print(f"{c:>7} {r['streams_ok']:>4} {r['ttft_median_ms']:>10.1f}ms {r['ttft_max_ms']:>8.1f}ms "
+                      f"{r['tps_per_stream_median']:>13.1f} {r['tps_aggregate']:>12.1f}", flush=True)
+            figures[kind] = {"levels": rows}
+            if args.slow_clients:
+                s = slow_clients(url, child.pid, args.slow_clients, args.hold)
+                figures[kind]["slow_clients"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()}
+                fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+                print(f"{s['clients']} half-sent requests ({s['connected']} connected, {s['refused']} refused) held {s['hold_s']:.0f} s: "
+                      f"/health p50 {fmt(s['health_p50_ms'])} ms, p99 {fmt(s['health_p99_ms'])} ms, max {fmt(s['health_max_ms'])} ms, "
+                      f"(at {s['health_slowest_at_s']:.1f} s; connecting took {s['connect_s']:.1f} s), {s['health_failed']}/{s['health_asked']} failed | threads {s['threads_before']} -> max {s['threads_max']} | "
+                      f"RSS +{s['rss_growth_mb']:.1f} MB | a request after they closed: "
+                      f"{'ok' if s['request_after_ok'] else 'FAILED'} in {s['request_after_s']:.2f} s", flush=True)
+        finally:
+            child.kill()
+            child.wait(10)
+    print(json.dumps(figures))
     return 0
 
 

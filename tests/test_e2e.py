@@ -56,6 +56,8 @@ def test_smoke_pipeline_learns_and_serves(tmp_path):
             if m := re.search(r"open (http://\S+)", line):
                 break
         assert m, "".join(lines)
+        info = requests.get(m.group(1) + "info", timeout=10).json()  # the page names the model, offers toy questions
+        assert info["source"] == "rl" and len(info["examples"]) == 5 and "waitress" in "".join(lines)
         answers = []
         for item in items:
             body = {"messages": [{"role": "user", "content": item["question"]}], "stream": True, "temperature": 0}
