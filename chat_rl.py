@@ -214,13 +214,9 @@ def run(args):
 
     start_step, rewards, wall_time, before, after = 0, [], 0.0, None, None
     if args.resume:
-        model_state, optim_state, rank_state, meta = train.load_resume(ckpt_dir, config, tokenizer, "rl", rl_meta, device, rank, ws)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        train.set_rng_state(rank_state["rng"], device)
+        meta = train.load_resume(ckpt_dir, config, tokenizer, "rl", rl_meta, device, rank, ws, model, optimizer)
         start_step, loop = meta["step"], meta["loop"]
         rewards, wall_time, before, after = loop["rewards"], loop["wall_time"], loop["before"], loop["after"]
-        del model_state, optim_state
         print0(f"resumed {ckpt_dir} at step {start_step}")
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
@@ -321,4 +317,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

@@ -513,15 +513,9 @@ def finetune(args):
     # resume: refuse anything that would not continue the same run (as train.py)
     start_step, smooth_loss, train_time, last_loss = 0, 0.0, 0.0, None
     if args.resume:
-        model_state, optim_state, rank_state, meta = train.load_resume(ckpt_dir, config, tokenizer, "train", train_meta,
-                                                                       device, rank, ws)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        loader.load_state_dict(rank_state["loader"])
-        train.set_rng_state(rank_state["rng"], device)
+        meta = train.load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws, model, optimizer, loader)
         start_step = meta["step"]
         smooth_loss, train_time, last_loss = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["loss"]
-        del model_state, optim_state
         train.print0(f"resumed {ckpt_dir} at step {start_step}")
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
@@ -663,4 +657,4 @@ def measure_main(args):
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

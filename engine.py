@@ -961,4 +961,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tok.run_main(main)

@@ -43,8 +43,8 @@ TIME_KEYS = ("wall_time_s", "training_time_s", "train_time_s", "train_seconds") 
 SPARK = "▁▂▃▄▅▆▇█"
 
 
-class EvalError(Exception):
-    """Bad input named plainly: the CLI prints it as one line."""
+class EvalError(tok.DataError):
+    """Bad input named plainly: the CLI prints it as one line (tok.fetch does not retry it)."""
 
 
 def print0(*args, **kwargs):
@@ -96,10 +96,10 @@ def _file_lock(path: Path):
 def _verify_zip(path):
     with zipfile.ZipFile(path) as z:
         if not any(n.endswith("core.yaml") for n in z.namelist()):
-            raise EvalError(f"{path}: no core.yaml in the zip")
+            raise EvalError("not the CORE bundle: no core.yaml in the zip")
         bad = z.testzip()
-        if bad is not None:
-            raise EvalError(f"{path}: corrupt member {bad}")
+        if bad is not None:  # damaged bytes: fetched again
+            raise zipfile.BadZipFile(f"corrupt member {bad}")
 
 
 def _verify_parquet(path):
@@ -1253,4 +1253,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

@@ -615,4 +615,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    tok.run_main(main)

@@ -9,7 +9,7 @@ Text sources (one iterator for every consumer), a byte-level BPE trainer vectori
 (splitting, counting and merging), and the Tokenizer: tiktoken does the encoding, we own the
 vocabulary, the special tokens and the chat rendering.
 """
-import argparse, collections, fcntl, gzip, hashlib, heapq, itertools, json, os, random, sys, time, unicodedata
+import argparse, collections, fcntl, gzip, hashlib, heapq, itertools, json, os, random, sys, time, unicodedata, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,11 +51,12 @@ def shard_path(dataset: str, i: int) -> Path:
 
 
 def verify_parquet(path) -> int:
-    """Rows in a parquet file with a text column; raises if the footer or schema is unreadable."""
+    """Rows in a parquet file with a text column: a DataError for a readable file without one (final:
+    downloading again would not help), another exception if the bytes are damaged (retried)."""
     import pyarrow.parquet as pq
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no 'text' column")
+        raise DataError("no 'text' column")  # the caller names the file or URL
     return pf.metadata.num_rows
 
 
@@ -68,7 +69,7 @@ def _shard_ok(path: Path) -> bool:
 
 def _verify_shard(path):
     if verify_parquet(path) <= 0:
-        raise DataError(f"{path}: no rows")
+        raise DataError("no rows")
 
 
 def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout: float = 60.0, verify=_verify_shard):
@@ -93,6 +94,9 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
             verify(tmp)
             os.replace(tmp, path)
             return path
+        except DataError as e:  # a whole, readable file of the wrong format or schema: no retry mends that
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{url}: {e}") from None
         except Exception as e:
             import requests
             if not isinstance(e, requests.RequestException):  # the body arrived but is not a parquet file
@@ -128,8 +132,12 @@ def download(n: int, dataset: str = "climbmix", workers: int = 4, base_url: str 
         done, t0 = len(ids) - len(todo), time.time()
         print(f"{dataset}: {done}/{len(ids)} shards present, fetching {len(todo)} with {workers} workers")
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for k, _ in enumerate(pool.map(lambda i: fetch(pattern.format(i), shard_path(dataset, i), backoff=backoff), todo)):
-                print(f"\r{dataset}: {done + k + 1}/{len(ids)} shards, {time.time() - t0:.0f}s", end="", flush=True)
+            try:
+                for k, _ in enumerate(pool.map(lambda i: fetch(pattern.format(i), shard_path(dataset, i), backoff=backoff), todo)):
+                    print(f"\r{dataset}: {done + k + 1}/{len(ids)} shards, {time.time() - t0:.0f}s", end="", flush=True)
+            except BaseException:  # the first failure ends the download: shards not yet started never start
+                pool.shutdown(cancel_futures=True)
+                raise
         if todo:
             print()
     return [shard_path(dataset, i) for i in ids]
@@ -147,51 +155,104 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _units_of(f: Path):
+class NoDocuments(DataError):
+    """A split with no document in it (a validation split of one-document units, say)."""
+
+
+def _bad_row(where: str, what: str, skip_bad: bool, skipped: list):
+    """A row that holds no text: an error naming it, or (skip_bad) one more row skipped."""
+    if not skip_bad:
+        raise DataError(f"{where}: {what} (pass --skip-bad-rows to skip such rows)")
+    skipped[0] += 1
+
+
+def _described(v) -> str:
+    return "missing" if v is _MISSING else "null" if v is None else f"{type(v).__name__} {json.dumps(v)[:30]}"
+
+
+_MISSING = object()
+
+
+def _units_of(f: Path, skip_bad: bool = False):
     """Yield the units of one local file as zero-argument functions returning lists of documents:
     parquet row groups (read only when called, so a rank skips the others' cheaply), or blocks of
-    jsonl lines."""
+    jsonl lines. A file that cannot be read, or a row without text, is a DataError naming the file and
+    the row or line (a bad row is skipped and counted instead with skip_bad)."""
+    skipped = [0]
+    try:
+        yield from _file_units(f, skip_bad, skipped)
+    finally:  # also when the reader stops early (max_chars)
+        if skipped[0]:
+            print(f"{f}: skipped {skipped[0]} bad rows (--skip-bad-rows)", file=sys.stderr)
+
+
+def _file_units(f: Path, skip_bad: bool, skipped: list):
     name = f.name
     if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
+        import pyarrow as pa, pyarrow.parquet as pq
         try:
             pf = pq.ParquetFile(f)
         except Exception as e:
             raise DataError(f"{f}: not a readable parquet file ({e})") from None
         if "text" not in pf.schema_arrow.names:
             raise DataError(f"{f}: no 'text' column")
+        kind = pf.schema_arrow.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{f}: column 'text' holds {kind}, not strings")
+        first = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+
+        def read(g):
+            try:
+                texts = pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+            except Exception as e:
+                raise DataError(f"{f}: row group {g} is unreadable ({e})") from None
+            for i in (i for i, t in enumerate(texts) if t is None):
+                _bad_row(f"{f}: row index {first[g] + i}", "'text' is null", skip_bad, skipped)
+            return [t for t in texts if t is not None]
         for g in range(pf.num_row_groups):
-            yield lambda g=g: pf.read_row_group(g, columns=["text"]).column("text").to_pylist()
+            yield lambda g=g: read(g)
     elif name.endswith((".jsonl", ".jsonl.gz")):
         opener = gzip.open if name.endswith(".gz") else open
-        block = []
-        with opener(f, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    block.append(json.loads(line)["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise DataError(f"{f}:{lineno}: expected a JSON object with a 'text' field") from None
-                if len(block) == LOCAL_UNIT_DOCS:
-                    yield lambda b=block: b
-                    block = []
+        block, lineno = [], 0
+        try:
+            with opener(f, "rt", encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = _MISSING
+                    text = row.get("text", _MISSING) if isinstance(row, dict) else None
+                    if not isinstance(text, str):
+                        what = ("not JSON: expected an object with a 'text' string" if row is _MISSING else f"'text' is {_described(text)}, expected a string"
+                                if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object")
+                        _bad_row(f"{f}:{lineno}", what, skip_bad, skipped)
+                        continue
+                    block.append(text)
+                    if len(block) == LOCAL_UNIT_DOCS:
+                        yield lambda b=block: b
+                        block = []
+        except UnicodeDecodeError:
+            raise DataError(f"{f}:{lineno + 1}: not UTF-8 text (is it a binary file?)") from None
+        except (EOFError, OSError, zlib.error) as e:  # a cut or damaged .gz
+            raise DataError(f"{f}: unreadable after line {lineno} ({type(e).__name__}: {e})") from None
         if block:
             yield lambda b=block: b
 
 
-def _local_units(path: Path):
+def _local_units(path: Path, skip_bad: bool = False):
     """Units of a local source: each parquet row group / jsonl block; .txt files LOCAL_UNIT_DOCS at a time."""
     files = _local_files(path)
     txt = [f for f in files if f.name.endswith(".txt")]
     for f in files:
         if not f.name.endswith(".txt"):
-            yield from _units_of(f)
+            yield from _units_of(f, skip_bad)
     for i in range(0, len(txt), LOCAL_UNIT_DOCS):
         yield lambda fs=txt[i:i + LOCAL_UNIT_DOCS]: [f.read_text(encoding="utf-8", errors="replace") for f in fs]
 
 
-def _shard_units(dataset: str, split: str):
+def _shard_units(dataset: str, split: str, skip_bad: bool = False):
     pattern, total = DATASETS[dataset]
     folder = shard_path(dataset, 0).parent
     have = sorted(folder.glob("shard_*.parquet")) if folder.exists() else []
@@ -200,36 +261,40 @@ def _shard_units(dataset: str, split: str):
     if not files or not files[0].exists():
         raise DataError(f"--data {dataset}: no {split} shards in {folder}; run: python tok.py download -n 8 --dataset {dataset}")
     for f in files:
-        yield from _units_of(f)
+        yield from _units_of(f, skip_bad)
 
 
-def iter_batches(data: str = "climbmix", split: str = "train", rank: int = 0, world_size: int = 1, start: int = 0):
+def iter_batches(data: str = "climbmix", split: str = "train", rank: int = 0, world_size: int = 1, start: int = 0,
+                 skip_bad: bool = False):
     """One pass over a source as (unit, documents). Unit u belongs to rank u % world_size, so ranks
-    never share a document; `start` skips units before it (resume).
+    never share a document; `start` skips units before it (resume); skip_bad skips rows without text
+    (counted) instead of stopping at the first.
 
     Named datasets: every shard but the last is train, the last is validation. Local paths and the
-    toy world: within each unit, documents 0, 100, 200, ... are validation, the rest train."""
+    toy world: within each unit, documents 0, 100, 200, ... are validation, the rest train; a unit of
+    one document is train (so a corpus of one document trains; its validation is then training text)."""
     if split not in ("train", "val"):
         raise DataError(f"split {split!r}: expected train or val")
     if data in DATASETS:
-        units, local = _shard_units(data, split), False
+        units, local = _shard_units(data, split, skip_bad), False
     elif data == "toy":
         units, local = _toy_units(), True
     else:
-        units, local = _local_units(Path(data)), True
+        units, local = _local_units(Path(data), skip_bad), True
     for u, read in enumerate(units):
         if u < start or u % world_size != rank:
             continue
         docs = read()
         if local:
-            docs = [d for j, d in enumerate(docs) if (j % LOCAL_VAL_EVERY == 0) == (split == "val")]
+            docs = [d for j, d in enumerate(docs) if (j % LOCAL_VAL_EVERY == 0 and len(docs) > 1) == (split == "val")]
         yield u, docs
 
 
-def iter_documents(data: str, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None):
+def iter_documents(data: str, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None,
+                   skip_bad: bool = False):
     """Documents of a source, each cut to doc_cap characters, until max_chars have been yielded."""
     seen = 0
-    for _, docs in iter_batches(data, split):
+    for _, docs in iter_batches(data, split, skip_bad=skip_bad):
         for d in docs:
             d = d[:doc_cap] if doc_cap else d
             if max_chars is not None and seen + len(d) > max_chars:
@@ -837,7 +902,7 @@ def train_merges(docs, vocab_size: int, workers: int | None = None, verbose: boo
     t0 = time.time()
     data, lens, counts = count_chunks(docs, workers)
     if not len(lens):
-        raise DataError("empty corpus: no text to train the tokenizer on")
+        raise NoDocuments("empty corpus: no text to train the tokenizer on")
     if verbose:
         print(f"counted {int(counts.sum()):,} chunks, {len(lens):,} unique, in {time.time() - t0:.1f}s")
     merges = bpe_merges(data, lens, counts, n_merges, verbose=verbose)
@@ -1073,6 +1138,23 @@ def write_report(section: str, data: dict):
 
 # ----------------------------------------------------------------------------- command line
 
+def run_main(main):
+    """Every stage's __main__: a one-line error (a DataError, or SystemExit with a message) goes to stderr
+    as `error: ...` with exit status 2, argparse's status for bad input; never a traceback."""
+    try:
+        code = main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+    except DataError as e:
+        message = str(e)
+    else:
+        sys.exit(code if isinstance(code, int) else 0)
+    print(message if message.startswith("error: ") else f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="speedchat text data and tokenizer")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1088,6 +1170,7 @@ def main(argv=None):
     t.add_argument("--doc-cap", type=int, default=10_000, help="characters kept of each document")
     t.add_argument("--workers", type=int, default=None, help="processes for splitting (default: all cores)")
     t.add_argument("--out", default=None, help="default: $SPEEDCHAT_HOME/tokenizer")
+    t.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) rows without text instead of stopping")
     e = sub.add_parser("eval", help="bytes per token on held-out text")
     e.add_argument("--data", action="append", help="source(s); default: every source on disk")
     e.add_argument("--tokenizer", default=None)
@@ -1100,15 +1183,18 @@ def main(argv=None):
             if args.vocab_size < 256 + len(SPECIAL_TOKENS):
                 raise DataError(f"--vocab-size {args.vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)}")
             t0 = time.time()
-            docs = iter_documents(args.data, "train", args.max_chars, args.doc_cap)
-            tokenizer = Tokenizer(train_merges(docs, args.vocab_size, args.workers, verbose=True))
+            docs = iter_documents(args.data, "train", args.max_chars, args.doc_cap, args.skip_bad_rows)
+            try:
+                tokenizer = Tokenizer(train_merges(docs, args.vocab_size, args.workers, verbose=True))
+            except NoDocuments as e:
+                raise NoDocuments(f"--data {args.data}: {e}") from None
             secs = time.time() - t0
             out = tokenizer.save(args.out or home() / "tokenizer")
             print(f"trained {tokenizer.vocab_size} tokens in {secs:.1f}s -> {out} (hash {tokenizer.hash})")
-            val = list(iter_documents(args.data, "val", max_chars=5_000_000))
+            val = list(iter_documents(args.data, "val", max_chars=5_000_000, skip_bad=args.skip_bad_rows))
             bpt = bytes_per_token(tokenizer.encode, val) if val else None
-            if bpt:
-                print(f"held-out {args.data}: {bpt:.3f} bytes/token")
+            print(f"held-out {args.data}: {bpt:.3f} bytes/token" if val else
+                  f"held-out {args.data}: none (no validation documents: a one-document corpus is all training text)")
             write_report("tokenizer", {"data": args.data, "vocab_size": tokenizer.vocab_size, "train_seconds": round(secs, 2),
                                        "hash": tokenizer.hash, "val_bytes_per_token": bpt})
         else:
@@ -1123,4 +1209,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,10 +9,10 @@ train.py: the GPT model, the Muon+AdamW optimizer, the token loader and the pret
 One dial: --depth sets the width (depth x 64, heads of 128), the learning rates and the training
 horizon (tokens = --target-param-data-ratio x scaling params). Later stages import from here:
 GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, train_step,
-TokenLoader, evaluate_bpb, save_checkpoint, load_checkpoint, load_model, checkpoint_root,
-last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
+TokenLoader, validation_batches, evaluate_bpb, save_checkpoint, load_checkpoint (CheckpointError),
+load_model, checkpoint_root, last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
 """
-import argparse, bisect, contextlib, functools, itertools, json, math, os, queue, random, shlex, shutil, subprocess, sys, threading, time
+import argparse, bisect, contextlib, functools, hashlib, itertools, json, math, os, queue, random, shlex, shutil, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -496,13 +496,14 @@ def train_step(model, optimizer, next_batch, grad_accum: int, autocast_ctx=conte
 # ----------------------------------------------------------------------------- the token loader
 
 EPOCH_END = "epoch end"  # what tokenize_ahead yields between two passes over the data
+DATA_END = "data end"    # the background thread's last item when `passes` is finite
 
 
 def tokenize_ahead(tokenizer, passes, depth: int = 2, threads: int = 4):
     """(unit, [int32 token array per document, each starting with <|bos|>]) for each (unit, texts) of
-    each pass in `passes` (an iterator of (unit, texts) iterators), EPOCH_END after each pass, made by
-    a background thread up to `depth` units ahead, in order, so reading and tokenizing never stall the
-    training loop, not even at an epoch's end. Parquet reads and tiktoken's encoding (on `threads`
+    each pass in `passes` (an iterator of (unit, texts) iterators), EPOCH_END after each pass (the
+    generator ends after the last), made by a background thread up to `depth` units ahead, in order,
+    so reading and tokenizing never stall the training loop, not even at an epoch's end. Parquet reads and tiktoken's encoding (on `threads`
     threads) release the GIL. An error there is raised here; dropping the generator stops the thread."""
     out, stop = queue.Queue(maxsize=depth), threading.Event()
     encode = functools.partial(tokenizer.encode_array, prepend=tokenizer.bos_id)
@@ -525,6 +526,7 @@ def tokenize_ahead(tokenizer, passes, depth: int = 2, threads: int = 4):
                             return
                     if not put(EPOCH_END):
                         return
+            put(DATA_END)
         except BaseException as e:  # noqa: BLE001 (handed to the consumer)
             put(e)
 
@@ -534,6 +536,8 @@ def tokenize_ahead(tokenizer, passes, depth: int = 2, threads: int = 4):
             item = out.get()
             if isinstance(item, BaseException):
                 raise item
+            if item is DATA_END:
+                return
             yield item
     finally:
         stop.set()
@@ -546,17 +550,19 @@ class TokenLoader:
     Never stalls the device: a background thread reads and tokenizes units ahead (tokenize_ahead), and
     prefetch() packs the next batch (the training loop calls it while the device is busy).
     Deterministic: state_dict() (epoch, next unit, the buffered documents, a prefetched batch)
-    resumes exactly."""
+    resumes exactly. passes=None cycles over the data forever (training); passes=1 makes one pass
+    (evaluation): the last rows are padded with -1 (ignored targets) and next_batch() then returns None."""
 
     def __init__(self, tokenizer, data: str, split: str, batch_size: int, seq_len: int, rank=0, world_size=1,
-                 device="cpu", buffer_docs=1000, state=None):
-        self.tokenizer, self.data, self.split = tokenizer, data, split
+                 device="cpu", buffer_docs=1000, state=None, passes: int | None = None, skip_bad=False):
+        self.tokenizer, self.data, self.split, self.passes, self.skip_bad = tokenizer, data, split, passes, skip_bad
         self.B, self.T, self.rank, self.world_size = batch_size, seq_len, rank, world_size
         self.device, self.buffer_docs = torch.device(device), buffer_docs
         self.bos = tokenizer.bos_id
         self.epoch, self.next_unit = 0, 0
         self.lens, self.docs = [], []  # buffered documents, sorted by length (ties: insertion order)
         self._units, self._next = None, None  # _next: a prefetched (B, T+1) batch
+        self.exhausted = False  # the last of `passes` is over
         if state is not None:
             self.load_state_dict(state)
 
@@ -564,10 +570,13 @@ class TokenLoader:
         """Move the next tokenized unit of this rank into the buffer. False at the end of an epoch."""
         if self._units is None:
             start = self.next_unit  # this pass resumes there; the next ones start at unit 0
-            passes = (tok.iter_batches(self.data, self.split, self.rank, self.world_size, start=start if e == 0 else 0)
-                      for e in itertools.count())
+            passes = (tok.iter_batches(self.data, self.split, self.rank, self.world_size, start if e == 0 else 0, self.skip_bad)
+                      for e in (itertools.count() if self.passes is None else range(self.passes)))
             self._units = tokenize_ahead(self.tokenizer, passes)
-        item = next(self._units)
+        item = next(self._units, DATA_END)
+        if item is DATA_END:
+            self.exhausted = True
+            return False
         if item is EPOCH_END:
             self.epoch, self.next_unit = self.epoch + 1, 0
             return False
@@ -583,17 +592,20 @@ class TokenLoader:
         self.docs.insert(i, doc)
 
     def _fill(self):
+        """Top up the buffer; it stays empty only once the last pass is over."""
         epoch0 = self.epoch
-        while len(self.docs) < max(1, self.buffer_docs):
+        while len(self.docs) < max(1, self.buffer_docs) and not self.exhausted:
             if not self._pull_unit() and (self.docs or self.epoch - epoch0 > 1):
                 if not self.docs:
-                    raise ValueError(f"--data {self.data}: no {self.split} documents for rank {self.rank} of {self.world_size}")
+                    raise tok.NoDocuments(f"--data {self.data}: no {self.split} documents for rank {self.rank} of {self.world_size}")
                 break
 
     def _row(self):
-        row, n = np.empty(self.T + 1, dtype=np.int32), 0
+        row, n = np.full(self.T + 1, -1, dtype=np.int32), 0
         while n < self.T + 1:
             self._fill()
+            if not self.docs:  # the data is over: the rest of the row stays -1
+                break
             room = self.T + 1 - n
             i = bisect.bisect_right(self.lens, room) - 1  # longest doc that fits
             if i < 0:  # nothing fits: crop the shortest, the tail is dropped (rows must start with BOS)
@@ -608,7 +620,9 @@ class TokenLoader:
     def prefetch(self):
         """Pack the next batch now (int64, pinned on CUDA), so that next_batch() only starts its copy."""
         if self._next is None:
-            self._stage(np.stack([self._row() for _ in range(self.B)]))
+            rows = np.stack([self._row() for _ in range(self.B)])
+            if rows[0, 0] != -1:  # an empty first row: the last pass is over (training never gets here)
+                self._stage(rows)
 
     def _stage(self, rows):
         self._next = rows  # (B, T+1) int32, as state_dict() keeps it
@@ -617,11 +631,13 @@ class TokenLoader:
             self._next_rows = self._next_rows.pin_memory()
 
     def next_batch(self):
-        """(inputs, targets), both (B, T) int64 on the device."""
+        """(inputs, targets), both (B, T) int64 on the device; None after the last of `passes`."""
         self.prefetch()
+        if self._next is None:
+            return None
         rows = self._next_rows.to(self.device, non_blocking=True)
         self._next = self._next_rows = None
-        return rows[:, :-1], rows[:, 1:]
+        return rows[:, :-1] if self.passes is None else rows[:, :-1].clamp(min=0), rows[:, 1:]  # padding: a valid input
 
     __call__ = next_batch
 
@@ -647,14 +663,40 @@ class TokenLoader:
 
 # ----------------------------------------------------------------------------- evaluation
 
+def validation_batches(tokenizer, data: str, batch_size: int, seq_len: int, rank: int, ws: int, device, max_batches: int,
+                       buffer_docs: int = 100, skip_bad: bool = False):
+    """What every evaluation of a run measures, read and packed once: one pass over the validation split
+    of `data`, at most max_batches per rank. A source without validation documents (a corpus of one
+    document) is measured on its training text instead, and says so. Returns (batches, split used,
+    target tokens on all ranks)."""
+    for split in ("val", "train"):
+        loader = TokenLoader(tokenizer, data, split, batch_size, seq_len, rank, ws, device, buffer_docs, passes=1, skip_bad=skip_bad)
+        batches = list(itertools.islice(iter(loader.next_batch, None), max_batches))
+        counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in batches), loader.next_batch() is not None], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        tokens, cut = counts.tolist()
+        if tokens:
+            break
+        print0(f"validation: --data {data} has no validation documents (a file of one document is all training text)")
+    else:
+        raise tok.NoDocuments(f"--data {data}: no documents in it (an empty file?)")
+    print0(f"validation: {tokens:,} tokens of the {split} split ({'the first; capped by --eval-tokens' if cut else 'one whole pass'})")
+    return batches, split, tokens
+
+
 @torch.no_grad()
-def evaluate_bpb(model, next_batch, steps: int, token_bytes, autocast_ctx=contextlib.nullcontext) -> float:
-    """Bits per byte: nats summed over target tokens / their UTF-8 bytes. Special tokens (0 bytes) and
-    ignored targets (-1) count in neither sum. Summed across ranks."""
+def evaluate_bpb(model, batches, token_bytes, autocast_ctx=contextlib.nullcontext, progress_every: float = 5.0) -> float:
+    """Bits per byte over batches of (inputs, targets): nats summed over target tokens / their UTF-8 bytes.
+    Special tokens (0 bytes) and ignored targets (-1) count in neither sum. Summed across ranks (which
+    may hold different numbers of batches). Shows progress when it takes longer than progress_every s."""
     nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
     nbytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
-    for _ in range(steps):
-        x, y = next_batch()
+    t0 = shown = time.time()
+    for i, (x, y) in enumerate(batches, 1):
+        if time.time() - shown > progress_every:
+            print0(f"  evaluating: batch {i}/{len(batches)}, {time.time() - t0:.0f}s")
+            shown = time.time()
         with autocast_ctx():
             loss = model(x, y, loss_reduction="none").view(-1)   # (B*T,)
         y = y.reshape(-1)
@@ -716,25 +758,51 @@ def _barrier():
         dist.barrier()
 
 
+class CheckpointError(tok.DataError):
+    """A checkpoint file that is missing, damaged or does not fit: named in one line."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    """meta.json's own checksum: over its content without the checksums (so a flipped byte in any value shows)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "files"}, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
                     rank_state=None, keep_last: int = -1):
     """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
     when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
-    state_rank{r}.pt (loader position, RNG) from every rank. Called by all ranks together; with
-    several nodes ckpt_dir must be on a shared filesystem."""
+    state_rank{r}.pt (loader position, RNG) from every rank; meta["files"] holds the sha256 of every
+    file (load_checkpoint verifies them). Called by all ranks together; with several nodes ckpt_dir
+    must be on a shared filesystem."""
     ckpt_dir = Path(ckpt_dir)
     final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    mine = {"model.pt": model_state} if rank == 0 else {}
+    mine.update({f"optim_rank{rank}.pt": optim_state, f"state_rank{rank}.pt": rank_state})
+    sums = {}
+    for name, obj in mine.items():
+        if obj is not None:
+            torch.save(obj, tmp / name)
+            sums[name] = _sha256(tmp / name)  # read back: the checksum of what is on disk
+    if dist.is_initialized():
+        every = [None] * world_size
+        dist.all_gather_object(every, sums)
+        sums = {k: v for d in every for k, v in d.items()}
     if rank == 0:
-        torch.save(model_state, tmp / "model.pt")
+        meta = {**meta, "files": dict(sorted(sums.items()))}
+        meta["files"]["meta.json"] = _meta_digest(meta)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    if optim_state is not None:
-        torch.save(optim_state, tmp / f"optim_rank{rank}.pt")
-    if rank_state is not None:
-        torch.save(rank_state, tmp / f"state_rank{rank}.pt")
     _barrier()
     if rank == 0:
         if final.exists():
@@ -747,22 +815,41 @@ def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, r
     return final
 
 
-def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, load_optimizer=True):
-    """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last)."""
+def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=True):
+    """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last). Every file
+    read is checked against its sha256 in meta.json first; training_state=False (inference) reads only
+    model.pt and meta.json. A damaged or missing file is a CheckpointError naming it."""
     ckpt_dir = Path(ckpt_dir)
     step = last_step(ckpt_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     d = ckpt_dir / f"step_{step:06d}"
-    if not (d / "model.pt").exists():
+    if not d.is_dir():
         raise FileNotFoundError(f"no checkpoint {d}")
-    meta = json.loads((d / "meta.json").read_text())
-    model_state = torch.load(d / "model.pt", map_location=device, weights_only=True)
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        sums = meta.get("files")  # None: a checkpoint from before checksums
+        assert isinstance(meta, dict) and (sums is None or sums.get("meta.json") == _meta_digest(meta)), "checksum mismatch"
+    except (OSError, ValueError, AssertionError, AttributeError) as e:
+        raise CheckpointError(f"{d / 'meta.json'}: damaged or missing ({type(e).__name__}: {e})") from None
+
+    def load(name, map_location):
+        path = d / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing")
+        if sums is not None and _sha256(path) != sums.get(name):
+            raise CheckpointError(f"{path}: damaged (its sha256 differs from the one in meta.json)")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # truncated, not a torch file, a pickle of something else, ...
+            first = str(e).strip().split("\n")[0].split(". ")[0][:200]  # torch's advice to drop weights_only is not ours
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
+    model_state = load("model.pt", device)
     optim_state = rank_state = None
-    if load_optimizer and (d / f"optim_rank{rank}.pt").exists():
-        optim_state = torch.load(d / f"optim_rank{rank}.pt", map_location=device, weights_only=True)
-    if (d / f"state_rank{rank}.pt").exists():
-        rank_state = torch.load(d / f"state_rank{rank}.pt", map_location="cpu", weights_only=True)
+    if training_state and (d / f"optim_rank{rank}.pt").exists():
+        optim_state = load(f"optim_rank{rank}.pt", device)
+    if training_state and (d / f"state_rank{rank}.pt").exists():
+        rank_state = load(f"state_rank{rank}.pt", "cpu")
     return model_state, optim_state, rank_state, meta
 
 
@@ -775,12 +862,25 @@ def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None)
         if not tags:
             raise FileNotFoundError(f"no {source} checkpoints under {root}")
         tag = max(tags, key=lambda d: _step_dirs(d)[-1].stat().st_mtime).name
-    model_state, _, _, meta = load_checkpoint(root / tag, step, device, load_optimizer=False)
+    step = last_step(root / tag) if step is None else step
+    model_state, _, _, meta = load_checkpoint(root / tag, step, device, training_state=False)
     tokenizer = tokenizer or tok.get_tokenizer()
     check_tokenizer(meta, tokenizer, root / tag)
-    model = GPT(GPTConfig(**meta["model_config"]))
-    model.load_state_dict(model_state)
+    d = root / tag / f"step_{step:06d}"
+    with restoring(d / "meta.json", "model config"):
+        model = GPT(GPTConfig(**meta["model_config"]).validate())
+    with restoring(d / "model.pt", "weights"):
+        model.load_state_dict(model_state)
     return model.to(device).eval(), tokenizer, meta
+
+
+@contextlib.contextmanager
+def restoring(path: Path, what: str):
+    """Turn an error while restoring `what` from a checkpoint file into a CheckpointError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot restore the {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})") from None
 
 
 def check_tokenizer(meta, tokenizer, where):
@@ -789,14 +889,17 @@ def check_tokenizer(meta, tokenizer, where):
                          f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
 
 
-def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict, device, rank: int, ws: int):
-    """The last checkpoint of ckpt_dir for --resume, after refusing whatever would not continue the same
-    run: no checkpoint, another tokenizer or model config, another world size (the optimizer state is
-    sharded), other run settings (meta[section] vs settings), no optimizer or rank state for this rank.
-    Returns (model_state, optim_state, rank_state, meta)."""
-    if last_step(ckpt_dir) is None:
+def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict, device, rank: int, ws: int,
+                model, optimizer, loader=None) -> dict:
+    """--resume: restore model, optimizer, loader (when given) and RNG from the last checkpoint of
+    ckpt_dir and return its meta, after refusing whatever would not continue the same run: no
+    checkpoint, another tokenizer or model config, another world size (the optimizer state is sharded),
+    other run settings (meta[section] vs settings), no optimizer or rank state for this rank, a state
+    that does not fit (named by file)."""
+    step = last_step(ckpt_dir)
+    if step is None:
         raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-    model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, None, device, rank)
+    model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, step, device, rank)
     try:
         check_tokenizer(meta, tokenizer, ckpt_dir)
     except ValueError as e:
@@ -811,7 +914,16 @@ def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict,
         raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
     if optim_state is None or rank_state is None:
         raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
-    return model_state, optim_state, rank_state, meta
+    d = ckpt_dir / f"step_{step:06d}"
+    with restoring(d / "model.pt", "weights"):
+        model.load_state_dict(model_state)
+    with restoring(d / f"optim_rank{rank}.pt", "optimizer state"):
+        optimizer.load_state_dict(optim_state)
+    with restoring(d / f"state_rank{rank}.pt", "loader position and RNG state"):
+        if loader is not None:
+            loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"], device)
+    return meta
 
 
 def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: bool, start_step: int, master: bool):
@@ -955,7 +1067,7 @@ def parse_args(argv=None):
     a("--final-lr-frac", type=float, default=0.0)
     # evaluation, logging, checkpoints
     a("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
-    a("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation")
+    a("--eval-tokens", type=int, default=10 * 524288, help="validation tokens per evaluation, at most (never more than one pass)")
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = never)")
     a("--core-metric-every", type=int, default=-1, help="CORE every N steps, and at the end (-1 = only at the end, 0 = never)")
     a("--core-metric-max-per-task", type=int, default=500)
@@ -975,6 +1087,7 @@ def parse_args(argv=None):
       help="auto = bf16 autocast on CUDA SM80+ (fp32 master weights), fp32 elsewhere; bf16 on CPU rehearses the GPU path")
     a("--seed", type=int, default=42)
     a("--buffer-docs", type=int, default=1000, help="documents the packer chooses from")
+    a("--skip-bad-rows", action="store_true", help="skip (and count) data rows without text instead of stopping")
     return p.parse_args(argv)
 
 
@@ -1030,7 +1143,7 @@ def pretrain(args, command="train.py"):
         tokenizer = tok.get_tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError, tok.DataError) as e:
         raise SystemExit(f"--tokenizer: {e}") from None
-    next(tok.iter_batches(args.data, "train", rank, ws), None)  # a bad --data fails now, not after building the model
+    next(tok.iter_batches(args.data, "train", rank, ws, skip_bad=args.skip_bad_rows), None)  # a bad --data fails now, not after building the model
     config = build_config(args, tokenizer.vocab_size)
     tokens_per_micro = args.device_batch_size * args.max_seq_len * ws
     if args.total_batch_size % tokens_per_micro:
@@ -1054,7 +1167,7 @@ def pretrain(args, command="train.py"):
     optimizer = setup_optimizer(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr,
                                 args.weight_decay, rank, ws, compiled)
     train_loader = TokenLoader(tokenizer, args.data, "train", args.device_batch_size, args.max_seq_len, rank, ws,
-                               device, args.buffer_docs)
+                               device, args.buffer_docs, skip_bad=args.skip_bad_rows)
     token_bytes = torch.as_tensor(np.asarray(tokenizer.token_bytes), dtype=torch.int64, device=device)
     ckpt_dir = checkpoint_root("base") / (args.tag or f"d{args.depth}")
     log_path = ckpt_dir / "log.jsonl"
@@ -1064,15 +1177,10 @@ def pretrain(args, command="train.py"):
     # resume: refuse anything that would not continue the same run
     start_step, smooth_loss, train_time, timed_steps, val_bpb, min_val_bpb = 0, 0.0, 0.0, 0, None, None
     if args.resume:
-        model_state, optim_state, rank_state, meta = load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        train_loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"], device)
+        meta = load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws, model, optimizer, train_loader)
         start_step = meta["step"]
         smooth_loss, train_time, timed_steps = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["timed_steps"]
         val_bpb, min_val_bpb = meta["loop"]["val_bpb"], meta["loop"]["min_val_bpb"]
-        del model_state, optim_state
         print0(f"resumed {ckpt_dir} at step {start_step}")
     prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
@@ -1114,7 +1222,7 @@ def pretrain(args, command="train.py"):
            f"{ws} rank(s) on {device} | {'bf16' if bf16 else 'fp32'} | {'compiled' if compiled else 'eager'} | "
            f"attention: {raw_model.attention}{' (training length), sdpa elsewhere' if raw_model.attention == 'flex' else ''}")
     eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-    core, step, val_batches, evaluated, recompiles = None, start_step, None, False, 0
+    core, step, val_batches, val_split, val_tokens, evaluated, recompiles = None, start_step, None, None, None, False, 0
     t_start = time.time()
 
     def watch_compiles(graphs_before, what):  # after the first step and the first evaluation: never again
@@ -1126,13 +1234,13 @@ def pretrain(args, command="train.py"):
         last = step == num_iterations
         stop = last or step == args.stop_at_step
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
-            if val_batches is None:  # the same validation tokens every time, read and packed once
-                val_loader = TokenLoader(tokenizer, args.data, "val", args.device_batch_size, args.max_seq_len, rank, ws,
-                                         device, min(args.buffer_docs, 100))
-                val_batches = [val_loader.next_batch() for _ in range(eval_steps)]
+            if val_batches is None:  # the same validation tokens every time
+                val_batches, val_split, val_tokens = validation_batches(tokenizer, args.data, args.device_batch_size, args.max_seq_len,
+                                                                        rank, ws, device, eval_steps, min(args.buffer_docs, 100),
+                                                                        args.skip_bad_rows)
             model.eval()
             graphs = compiled_graphs() if evaluated else math.inf
-            val_bpb = evaluate_bpb(model, iter(val_batches).__next__, eval_steps, token_bytes, autocast_ctx)
+            val_bpb = evaluate_bpb(model, val_batches, token_bytes, autocast_ctx)
             watch_compiles(graphs, f"step {step} evaluation")
             model.train()
             evaluated = True
@@ -1191,7 +1299,8 @@ def pretrain(args, command="train.py"):
     if master and step == num_iterations:
         avg_tok_s = args.total_batch_size * timed_steps / train_time if train_time > 0 else None
         avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and bf16) else None
-        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, **(core or {}),
+        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "val_split": val_split,
+                  "val_tokens": val_tokens, **(core or {}),
                   "mfu": avg_mfu, "tok_per_s": avg_tok_s, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
                   "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
                   "flops_per_token": flops_per_token, "world_size": ws, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
@@ -1203,4 +1312,4 @@ def pretrain(args, command="train.py"):
 
 
 if __name__ == "__main__":
-    main()
+    tok.run_main(main)

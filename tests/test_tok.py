@@ -224,7 +224,7 @@ def test_iter_documents_caps(tmp_path):
     (["train", "--data", "JSONL", "--vocab-size", "200"], "at least 265"),
     (["train", "--data", "climbmix"], "no train shards"),
     (["train", "--data", "NOTEXT"], "no .parquet"),
-    (["train", "--data", "BADJSON"], "expected a JSON object"),
+    (["train", "--data", "BADJSON"], "bad.jsonl:2: not JSON"),
     (["download", "-n", "1", "--dataset", "bogus"], "invalid choice"),
 ])
 def test_bad_input_clear_error_nothing_written(tmp_path, speedchat_home, capsys, args, match):
@@ -322,6 +322,22 @@ def test_download_gives_up_cleanly(tmp_path, speedchat_home):
     try:
         with pytest.raises(tok.DataError, match="download failed after"):
             tok.download(1, "climbmix", base_url=srv.url, backoff=0.001)
+        assert not list((speedchat_home / "data" / "climbmix").glob("*.parquet*"))
+    finally:
+        srv.close()
+
+
+def test_download_schema_error_is_final(tmp_path, speedchat_home, capsys):
+    val = tok.DATASETS["climbmix"][1] - 1
+    pq.write_table(pa.table({"body": ["no text here"]}), tmp_path / "x.parquet")
+    srv = ShardServer({f"shard_{i:05d}.parquet": (tmp_path / "x.parquet").read_bytes() for i in (0, val)}, {})
+    try:
+        with pytest.raises(SystemExit) as e:
+            tok.main(["download", "-n", "1", "--base-url", srv.url])
+        assert e.value.code == 2
+        assert f"error: {srv.url}/shard_{val:05d}.parquet: no 'text' column" in capsys.readouterr().err
+        names = [name for name, _ in srv.log]
+        assert f"shard_{val:05d}.parquet" in names and len(names) == len(set(names))  # each asked once, not retried
         assert not list((speedchat_home / "data" / "climbmix").glob("*.parquet*"))
     finally:
         srv.close()
