@@ -121,7 +121,7 @@ def hash_cost(mb: int):
     hashlib.sha256(blob).hexdigest()
     rate = mb / (time.perf_counter() - t0)
     import train
-    cfg = train.GPTConfig(n_layer=20, n_embd=1280, n_head=10, vocab_size=32768)
+    cfg = train.GPTConfig(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10, vocab_size=32768)
     with torch.device("meta"):
         params = sum(p.numel() for p in train.GPT(cfg).parameters())
     size = params * 4 / 2**20  # model.pt holds fp32 weights
