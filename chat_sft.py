@@ -185,10 +185,11 @@ MIXTURES = {
 
 
 def build_mixture(name: str, stage: str, seed: int = 42) -> evals.TaskMixture:
-    """The stage's conversations of mixture `name`, shuffled together with a fixed seed."""
+    """The stage's conversations of mixture `name`, shuffled together with a fixed seed; .rows says how
+    many each task gave (the report's record of what the stage trained on)."""
     if name not in MIXTURES:
         raise SystemExit(f"--mixture {name}: unknown mixture; known: {', '.join(MIXTURES)}")
-    tasks, parts = [], []
+    tasks, rows = [], {}
     for label, factory, *per_stage in MIXTURES[name]:
         epochs = per_stage[0 if stage == "mid" else 1]
         if epochs <= 0:
@@ -198,9 +199,11 @@ def build_mixture(name: str, stage: str, seed: int = 42) -> evals.TaskMixture:
         tasks += [task] * whole
         if round(frac * len(task)) > 0:
             tasks.append(task[:round(frac * len(task))])
-        parts.append(f"{label} {round(epochs * len(task)):,}")
-    train.print0(f"mixture {name} ({stage}): " + " + ".join(parts))
-    return evals.TaskMixture(tasks, seed=seed)
+        rows[label] = round(epochs * len(task))
+    train.print0(f"mixture {name} ({stage}): " + " + ".join(f"{k} {v:,}" for k, v in rows.items()))
+    mixture = evals.TaskMixture(tasks, seed=seed)
+    mixture.rows = rows
+    return mixture
 
 
 # ----------------------------------------------------------------------------- the loaders
@@ -579,8 +582,9 @@ def finetune(args):
             evals.write_section(args.stage, {
                 "stage": args.stage, "tag": ckpt_dir.name, "mixture": args.mixture, "init_from": f"{args.init_from}/{src_tag}",
                 "num_iterations": num_iterations, "total_batch_size": args.total_batch_size, "batch_unit": unit,
-                "conversations": len(mixture), "train_time_s": train_time, "final_loss": last_loss,
-                "smooth_loss": smooth_loss / (1 - 0.9 ** step) if step else None, "world_size": ws, "device": str(device),
+                "conversations": len(mixture), "mixture_rows": mixture.rows, "epochs": round(loader.epoch, 4),
+                "train_time_s": train_time, "final_loss": last_loss, "smooth_loss": smooth_loss / (1 - 0.9 ** step) if step else None,
+                "world_size": ws, "device": str(device),
                 **results})
     return {"step": step, "loss": last_loss, "ckpt_dir": ckpt_dir, "results": results}
 

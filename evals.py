@@ -27,13 +27,12 @@ import tok
 
 # ----------------------------------------------------------------------------- constants
 
-CORE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+CORE_URL = os.environ.get("SPEEDCHAT_CORE_URL", "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip")
 GPT2_XL_CORE = 0.256525       # CORE of GPT-2 1.5B, the reference point
 SHUFFLE_SEED = 1337           # CORE items in the order random.Random(1337).shuffle gives (the reference's)
 FEWSHOT_SEED = 1234           # few-shot examples of the item at position i: random.Random(FEWSHOT_SEED + i)
 CORE_BATCH_TOKENS = 8192      # tokens per scoring forward (rows x longest row); logits cost 4*V bytes each
 CORE_TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-HF_BASE = "https://huggingface.co"   # the parquet API host; tests point it at a local server
 LETTERS = "ABCDEFGHIJ"
 CHAT_BASELINE = {"categorical": 0.25, "generative": 0.0}  # ChatCORE centers by these
 HUMANEVAL_TIMEOUT = 10.0      # seconds per HumanEval program in the sandbox
@@ -447,7 +446,7 @@ def hf_parquet(repo: str, subset: str, split: str, backoff: float = 1.0) -> list
     with _file_lock(folder.parent / f".{split}.lock"):
         if have():
             return have()
-        api = f"{HF_BASE.rstrip('/')}/api/datasets/{repo}/parquet/{subset}/{split}"
+        api = f"{tok.HF_ENDPOINT}/api/datasets/{repo}/parquet/{subset}/{split}"
         urls = None
         for attempt in range(5):
             try:
@@ -1104,11 +1103,20 @@ def _plot(curves, path) -> bool:
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values()):  # a mixture's rows per task
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     if isinstance(v, int):
         return f"{v:,}"
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000 else f"{v:,.0f}"
+
+
+def _gpus(sec: dict) -> int:
+    """The GPUs a stage's section says it ran on: 0 on CPU."""
+    if "gpu_count" in sec:
+        return int(sec["gpu_count"] or 0)
+    return int(sec.get("world_size") or 1) if str(sec.get("device", "")).startswith("cuda") else 0
 
 
 def leaderboard(base: dict) -> list:
@@ -1148,7 +1156,7 @@ def assemble_report(gpu_hour_cost: float = 3.0) -> Path:
             md += ["-", ""]
             continue
         md += ["| metric | value |", "| --- | --- |"]
-        md += [f"| {k} | {_fmt(v)} |" for k, v in sec.items() if not isinstance(v, (dict, list))] + [""]
+        md += [f"| {k} | {_fmt(v)} |" for k, v in sec.items() if not isinstance(v, (dict, list)) or "," in _fmt(v)] + [""]
     stages = ["base", "mid", "sft", "rl"]
     rows = list(SUMMARY_ROWS) + [k for k in CHAT_TASKS if k not in SUMMARY_ROWS]
     rows += sorted({k for s in stages for k in sections.get(s, {}) if k.lower().startswith("toy") and k not in rows})
@@ -1156,9 +1164,11 @@ def assemble_report(gpu_hour_cost: float = 3.0) -> Path:
     md += ["## Summary", "", "| metric | BASE | MID | SFT | RL |", "| --- | --- | --- | --- | --- |"]
     md += [f"| {r} | " + " | ".join(_fmt(sections.get(s, {}).get(r)) for s in stages) + " |" for r in rows] + [""]
     total = sum(float(next((sec[k] for k in TIME_KEYS if isinstance(sec.get(k), (int, float))), 0)) for sec in sections.values())
-    gpus = max([int(sec.get("world_size", 1) or 1) for sec in sections.values()] or [1])
-    md += [f"Total wall clock: {_fmt_time(total)} ({total:.0f}s)",
-           f"Estimated cost: ${total / 3600 * gpus * gpu_hour_cost:.2f} ({gpus} GPU x ${gpu_hour_cost:.2f}/GPU-hour)", ""]
+    gpus = max([_gpus(sec) for sec in sections.values()] or [0])
+    md += [f"Training time, all stages (optimizer steps): {_fmt_time(total)} ({total:.0f}s)"]
+    if gpus:  # a cost only where GPUs ran
+        md += [f"Estimated cost: ${total / 3600 * gpus * gpu_hour_cost:.2f} ({gpus} GPU x ${gpu_hour_cost:.2f}/GPU-hour)"]
+    md += [""]
     if sections.get("base"):
         md += leaderboard(sections["base"])
     curves = loss_curves()

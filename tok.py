@@ -25,10 +25,12 @@ TOKENIZER_FILE = "tokenizer.json"    # the one self-describing file: pattern, me
 TOKEN_BYTES_FILE = "token_bytes.npy"  # UTF-8 bytes of each token (0 for specials), for bits-per-byte
 FORMAT_VERSION = 1
 
-HF = "https://huggingface.co/datasets/karpathy"
-DATASETS = {  # name -> (shard url pattern, number of shards); the last shard is validation
-    "climbmix": (HF + "/climbmix-400b-shuffle/resolve/main/shard_{:05d}.parquet", 6543),
-    "fineweb-edu": (HF + "/fineweb-edu-100b-shuffle/resolve/main/shard_{:05d}.parquet", 1823),
+# The Hugging Face host of every download (shards here, the parquet API in evals.py): HF_ENDPOINT, the
+# variable huggingface_hub reads too, points them at a mirror (or at the tests' stand-in).
+HF_ENDPOINT = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+DATASETS = {  # name -> (Hugging Face dataset repo, number of shards); the last shard is validation
+    "climbmix": ("karpathy/climbmix-400b-shuffle", 6543),
+    "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1823),
 }
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 LOCAL_UNIT_DOCS = 1024  # jsonl lines / txt files per unit
@@ -85,6 +87,8 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
             with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
                 if r.status_code == 416:  # our .tmp is already the whole file
                     pass
+                elif 400 <= r.status_code < 500 and r.status_code not in (408, 429):  # no such file, no access: final
+                    raise DataError(f"HTTP {r.status_code} {r.reason}")
                 else:
                     r.raise_for_status()
                     mode = "ab" if have and r.status_code == 206 else "wb"  # server ignored Range: start over
@@ -116,11 +120,10 @@ def download(n: int, dataset: str = "climbmix", workers: int = 4, base_url: str 
     others wait, then find every shard present. base_url overrides the host (tests, mirrors)."""
     if dataset not in DATASETS:
         raise DataError(f"--dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
-    pattern, total = DATASETS[dataset]
+    repo, total = DATASETS[dataset]
     if not 0 <= n < total:
         raise DataError(f"-n {n}: {dataset} has {total - 1} training shards")
-    if base_url:
-        pattern = base_url.rstrip("/") + "/shard_{:05d}.parquet"
+    pattern = (base_url or f"{HF_ENDPOINT}/datasets/{repo}/resolve/main").rstrip("/") + "/shard_{:05d}.parquet"
     ids = [total - 1] + list(range(n))  # validation shard first: evaluation never waits on it
     folder = shard_path(dataset, 0).parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,7 @@ def _local_units(path: Path, skip_bad: bool = False):
 
 
 def _shard_units(dataset: str, split: str, skip_bad: bool = False):
-    pattern, total = DATASETS[dataset]
+    total = DATASETS[dataset][1]
     folder = shard_path(dataset, 0).parent
     have = sorted(folder.glob("shard_*.parquet")) if folder.exists() else []
     val = shard_path(dataset, total - 1)

@@ -612,7 +612,7 @@ def _parquet_bytes(rows):
 
 
 def test_tasks_download_through_the_hf_parquet_api(server, monkeypatch):
-    monkeypatch.setattr(evals, "HF_BASE", server.url)
+    monkeypatch.setattr(tok, "HF_ENDPOINT", server.url)
     arc = [{"id": "q1", "question": "Which is a gas?", "choices": {"text": ["rock", "air", "ice"], "label": ["1", "2", "3"]}, "answerKey": "2"},
            {"id": "q2", "question": "Sun is a?", "choices": {"text": ["star", "moon", "rock", "sea"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"}]
     server.routes["/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test"] = json.dumps(
@@ -637,7 +637,7 @@ def test_tasks_download_through_the_hf_parquet_api(server, monkeypatch):
 
 
 def test_hf_download_errors_name_the_dataset(server, monkeypatch):
-    monkeypatch.setattr(evals, "HF_BASE", server.url)
+    monkeypatch.setattr(tok, "HF_ENDPOINT", server.url)
     with pytest.raises(evals.EvalError, match=r"allenai/ai2_arc: no subset 'ARC-Hard'"):
         evals.hf_parquet("allenai/ai2_arc", "ARC-Hard", "test")
     server.routes["/api/datasets/x/y/parquet/s/t"] = b'{"not": "a list"}'
@@ -671,6 +671,7 @@ def test_report_with_missing_sections(tmp_path):
     assert "| CORE | - | - | - | - |" in text  # a subsample is never the summary's CORE
     assert "| CORE, every item | not measured: run `evals.py core --source base` (a subsample gave 0.3100: not a leaderboard figure) |" in text
     assert "| beats GPT-2 1.5B (CORE > 0.256525) | - |" in text and "| training time (optimizer steps only) | 1h30m (5,400 s) |" in text
+    assert "Estimated cost" not in text  # no section says it ran on a GPU: no cost
     evals.write_section("base", {"CORE": 0.2612, "CORE_tasks": 22, "CORE_items": 91037, "gpu": "NVIDIA H100 80GB HBM3",
                                  "gpu_count": 8, "git_commit": "abc123", "git_dirty": True, "command": "train.py --depth 24",
                                  "launcher": "torchrun, 1 node(s) x 8", "torch": "2.11.0", "cuda": "13.0"})
@@ -682,7 +683,7 @@ def test_report_with_missing_sections(tmp_path):
     assert "| ARC-Easy | - | - | 0.4000 | - |" in text and "| GSM8K | - | - | 0.0500 | - |" in text
     assert "| ToyFacts | - | - | 0.7000 | - |" in text and "| ChatCORE | - | - | 0.1000 | - |" in text
     assert "| val_bpb | 0.9100 |" in text and "## RL\n\n-" in text and "## Midtraining\n\n-" in text
-    assert "Total wall clock: 2h00m (7200s)" in text and "Estimated cost: $32.00 (8 GPU x $2.00/GPU-hour)" in text
+    assert "Training time, all stages (optimizer steps): 2h00m (7200s)" in text and "Estimated cost: $32.00 (8 GPU x $2.00/GPU-hour)" in text
     assert re.search(r"- base: `[▁▂▃▄▅▆▇█]+` 5\.000 -> 2\.100 \(30 steps\)", text)
     for k in ("CPU:", "torch:", "git commit:", "date:", "lines:", "dependencies:"):
         assert k in text

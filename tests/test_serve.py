@@ -720,7 +720,8 @@ class Browser:
 def browser():
     if CHROMIUM is None:
         pytest.skip("no chromium here: apt-get install -y chromium to run the browser test")
-    with tempfile.TemporaryDirectory() as profile:
+    # chromium's helper processes may still write to the profile as it is removed: not the test's concern
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         b = Browser(profile)
         yield b
         b.close()

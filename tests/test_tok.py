@@ -318,11 +318,17 @@ def test_download_with_faults(tmp_path, speedchat_home):
 
 
 def test_download_gives_up_cleanly(tmp_path, speedchat_home):
-    srv = ShardServer({}, {})
-    try:
-        with pytest.raises(tok.DataError, match="download failed after"):
+    val = tok.DATASETS["climbmix"][1] - 1
+    names = [f"shard_{i:05d}.parquet" for i in (0, val)]
+    srv = ShardServer({n: parquet_bytes(tmp_path, 0) for n in names}, {n: ["500"] * 6 for n in names})
+    try:  # a server error is retried, then given up
+        with pytest.raises(tok.DataError, match="download failed after 6 attempts"):
             tok.download(1, "climbmix", base_url=srv.url, backoff=0.001)
         assert not list((speedchat_home / "data" / "climbmix").glob("*.parquet*"))
+        srv.files, srv.log = {}, []  # a 404 is final: each shard asked once at most
+        with pytest.raises(tok.DataError, match=rf"shard_{val:05d}\.parquet: HTTP 404 Not Found"):
+            tok.download(1, "climbmix", base_url=srv.url, backoff=0.001)
+        assert len(srv.log) == len(set(srv.log)) <= 2 and not list((speedchat_home / "data" / "climbmix").glob("*.parquet*"))
     finally:
         srv.close()
 
