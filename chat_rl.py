@@ -19,8 +19,8 @@ importance ratio would always be 1. Held-out pass@1 / pass@k every --eval-every 
 in $SPEEDCHAT_HOME/checkpoints/rl/<tag> (--resume continues one exactly), a log.jsonl beside them,
 and the "rl" section of the report card.
 """
-import argparse, json, random, shutil, time
-from dataclasses import asdict
+import argparse, random, time
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,6 @@ TASKS = {
     "gsm8k": (lambda split: evals.GSM8K("main", split), 256, 400),
     "toy": (lambda split: evals.ToyMath(split), 64, 200),  # offline arithmetic word problems with the calculator
 }
-MUON_MOMENTUM = 0.95  # pretraining's final value: finetuning continues where it left off
 
 
 # ----------------------------------------------------------------------------- the math
@@ -59,7 +58,7 @@ def sampled_logprobs(model, seqs, masks, device) -> torch.Tensor:
         s, m = torch.tensor(s), torch.tensor(m, dtype=torch.bool)
         x[i, :len(s) - 1] = s[:-1]
         y[i, :len(s) - 1] = torch.where(m[1:], s[1:], -1)  # mask[t] says whether token t was sampled
-    with engine.autocast_for(device):
+    with train.autocast(device):
         nll = model(x.to(device), y.to(device), loss_reduction="none")  # (rows, T), 0 where ignored
     return -nll.float().sum(dim=1)
 
@@ -126,6 +125,110 @@ def prompt_index(step: int, j: int, per_step: int, n: int, seed: int) -> int:
     return order[g % n]
 
 
+# ----------------------------------------------------------------------------- one step
+
+def sample_groups(model, eng, task, step, args, max_new_tokens, rank, ws) -> list:
+    """1) This rank's share of the step's prompts (every ws-th), args.samples_per_prompt graded
+    completions of each: a list of (seqs, masks, rewards). The seeds depend on the step and the
+    prompt only, so any number of ranks, and a resumed run, draw the same samples."""
+    model.eval()
+    groups = []
+    for j in range(rank, args.prompts_per_step, ws):
+        i = prompt_index(step, j, args.prompts_per_step, len(task), args.seed)
+        out = rollout(eng, task, task[i], args.samples_per_prompt, max_new_tokens, args.temperature, args.top_k,
+                      seed=args.seed * 1_000_003 + step * args.prompts_per_step + j)
+        if out is not None:
+            groups.append(out)
+    model.train()
+    return groups
+
+
+def step_totals(groups, device, ws):
+    """(sampled tokens, reward sum, samples, groups with equal rewards) of the whole step, all ranks.
+    The tokens are the loss's normalizer: summed over ranks, so every token weighs the same."""
+    stats = torch.tensor([sum(sum(m) for g in groups for m in g[1]), sum(sum(g[2]) for g in groups),
+                          sum(len(g[2]) for g in groups), sum(min(g[2]) == max(g[2]) for g in groups)],
+                         dtype=torch.float64, device=device)
+    if ws > 1:
+        dist.all_reduce(stats)
+    return stats.tolist()
+
+
+def policy_update(model, optimizer, groups, num_tokens, lrm, step, batch_rows, device, ws) -> float:
+    """2) One policy-gradient step on this rank's groups at learning-rate multiplier lrm; returns the
+    step's loss, summed over ranks."""
+    train.set_schedule(optimizer, lrm, train.muon_momentum(step, warmup_steps=0))
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for seqs, masks, r in groups:
+        loss += pg_backward(model, seqs, masks, advantages(r), max(num_tokens, 1.0), device, batch_rows, ws)
+    optimizer.step()  # averages the gradients over ranks (reduce-scatter inside)
+    model.zero_grad(set_to_none=True)
+    if ws > 1:
+        dist.all_reduce(loss)
+    return loss.item()
+
+
+def held_out_eval(model, eng, task, args, max_new_tokens, device, step) -> dict:
+    """{"pass@1", "pass@k"} on the held-out items, printed. The same seeds at every evaluation (and
+    apart from the training ones), so two evaluations differ by the model only."""
+    k, t0 = args.eval_samples, time.time()
+    model.eval()
+    p1, pk = evaluate_pass(eng, task, k, max_new_tokens, args.temperature, args.top_k, device, seed=args.seed + 10**9)
+    model.train()
+    print0(f"step {step:05d} | pass@1 {p1:.4f} | pass@{k} {pk:.4f} | ({time.time() - t0:.1f}s)")
+    return {"pass@1": p1, f"pass@{k}": pk}
+
+
+# ----------------------------------------------------------------------------- checkpoints and the report
+
+@dataclass
+class LoopState:
+    """What a checkpoint keeps of the loop (meta["loop"]) besides weights, optimizer and RNG."""
+    rewards: list = field(default_factory=list)  # mean training reward of each step so far
+    wall_time: float = 0.0  # seconds of the earlier invocations: a resumed run adds up its parts
+    before: dict | None = None  # held-out pass@1/pass@k before the first update
+    after: dict | None = None  # ... at the latest evaluation
+
+
+def resume(ckpt_dir, model, optimizer, tokenizer, rl_meta, device, rank, ws):
+    """--resume: (step, LoopState) of the last checkpoint in ckpt_dir, its model, optimizer and RNG
+    restored (train.load_resume refuses one of another run: rl_meta must match)."""
+    meta = train.load_resume(ckpt_dir, model.config, tokenizer, "rl", rl_meta, device, rank, ws, model, optimizer)
+    loop = meta["loop"]
+    print0(f"resumed {ckpt_dir} at step {meta['step']}")
+    return meta["step"], LoopState(loop["rewards"], loop["wall_time"], loop["before"], loop["after"])
+
+
+def save(ckpt_dir, step, model, optimizer, run_meta, state, elapsed, device, rank, ws, keep_last):
+    """Checkpoint step (all ranks together). run_meta: what every checkpoint of the run says;
+    elapsed: this invocation's seconds so far. The RNG goes along so a resumed run samples the same."""
+    meta = {"step": step, **run_meta, "loop": {**asdict(state), "wall_time": state.wall_time + elapsed}}
+    path = train.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank, ws,
+                                 {"rng": train.rng_state(device)}, keep_last)
+    print0(f"saved {path}")
+
+
+def final_report(args, model, tokenizer, test_task, ckpt_dir, num_steps, state, device, ws, master):
+    """The before -> after line, and the "rl" section of the report card."""
+    k, before, after, rewards, wall_time = args.eval_samples, state.before, state.after, state.rewards, state.wall_time
+    print0(f"pass@1 {before['pass@1']:.4f} -> {after['pass@1']:.4f} | pass@{k} {before[f'pass@{k}']:.4f} -> "
+           f"{after[f'pass@{k}']:.4f} | {num_steps} steps | elapsed {train.fmt_time(wall_time)} ({wall_time:.0f}s)")
+    # the summary table's row: greedy accuracy on the held-out items, as chat_sft.py measures it, so
+    # the SFT and RL columns compare like with like (pass@1 above is sampled at --temperature)
+    greedy = evals.evaluate_chat(model, tokenizer, device, [test_task],
+                                 generate=evals.engine_generate(model, tokenizer))
+    if master:
+        tok.write_section("rl", {
+            "task": args.task, "init_from": args.init_from, "tag": ckpt_dir.name, "num_steps": num_steps,
+            "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples_per_prompt,
+            "held_out_items": len(test_task), "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
+            test_task.name: greedy[test_task.name],
+            f"pass@{k}_before": before[f"pass@{k}"], f"pass@{k}_after": after[f"pass@{k}"],
+            "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
+            "reward_curve": evals.sparkline(rewards), "reward_per_step": rewards, "train_time_s": round(wall_time, 1),
+            "world_size": ws, "device": str(device)})
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def parse_args(argv=None):
@@ -146,11 +249,7 @@ def parse_args(argv=None):
     a("--device-batch-size", type=int, default=8, help="rows per forward/backward")
     # optimization: train.py's rates times --init-lr-frac, then linear decay to 0
     a("--init-lr-frac", type=float, default=0.05)
-    a("--embedding-lr", type=float, default=0.2)
-    a("--unembedding-lr", type=float, default=0.004)
-    a("--matrix-lr", type=float, default=0.02)
-    a("--scalar-lr", type=float, default=0.02)
-    a("--weight-decay", type=float, default=0.0)
+    train.add_lr_flags(a)
     # evaluation, checkpoints
     a("--eval-every", type=int, default=60, help="held-out pass@1/pass@k every N steps (-1 = before and after only)")
     a("--eval-examples", type=int, default=-1, help="held-out items; -1 = the task's default (gsm8k 400, toy 200)")
@@ -185,9 +284,8 @@ def main(argv=None):
         train.compute_cleanup()
 
 
-def run(args):
-    rank, _, ws, device = train.compute_init(args.device)
-    master = rank == 0
+def load_tasks(args):
+    """(training task, held-out task, max new tokens, steps) of --task, the defaults filled in."""
     make_task, default_new_tokens, default_eval = TASKS[args.task]
     try:  # the data first: an offline GSM8K fails here, not after loading a model
         train_task, test_task = make_task("train"), make_task("test")
@@ -196,6 +294,13 @@ def run(args):
     test_task = test_task[:args.eval_examples if args.eval_examples > 0 else default_eval]
     max_new = args.max_new_tokens if args.max_new_tokens > 0 else default_new_tokens
     num_steps = args.num_steps if args.num_steps > 0 else max(1, len(train_task) // args.prompts_per_step)
+    return train_task, test_task, max_new, num_steps
+
+
+def run(args):
+    rank, _, ws, device = train.compute_init(args.device)
+    master = rank == 0
+    train_task, test_task, max_new, num_steps = load_tasks(args)
     try:
         model, tokenizer, init_meta = train.load_model(args.init_from, args.init_tag, args.init_step, device)
     except (FileNotFoundError, ValueError, tok.DataError) as e:
@@ -211,109 +316,57 @@ def run(args):
     # settings a resumed run must share with the checkpoint (else it would not continue the same run)
     rl_meta = {"task": args.task, "num_steps": num_steps, "prompts_per_step": args.prompts_per_step,
                "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": max_new, "seed": args.seed}
-
-    start_step, rewards, wall_time, before, after = 0, [], 0.0, None, None
+    run_meta = {"model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws, "rl": rl_meta,
+                "args": vars(args), "init": {"source": args.init_from, "tag": args.init_tag, "step": init_meta.get("step")}}
+    start_step, state = 0, LoopState()
     if args.resume:
-        meta = train.load_resume(ckpt_dir, config, tokenizer, "rl", rl_meta, device, rank, ws, model, optimizer)
-        start_step, loop = meta["step"], meta["loop"]
-        rewards, wall_time, before, after = loop["rewards"], loop["wall_time"], loop["before"], loop["after"]
-        print0(f"resumed {ckpt_dir} at step {start_step}")
+        start_step, state = resume(ckpt_dir, model, optimizer, tokenizer, rl_meta, device, rank, ws)
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
     def log(entry):
         if master:
             train.append_jsonl(log_path, entry)
 
-    def save(step):
-        meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
-                "rl": rl_meta, "args": vars(args), "init": {"source": args.init_from, "tag": args.init_tag, "step": init_meta.get("step")},
-                "loop": {"rewards": rewards, "wall_time": wall_time + time.time() - t_start, "before": before, "after": after}}
-        path = train.save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank, ws,
-                                     {"rng": train.rng_state(device)}, args.keep_last)
-        print0(f"saved {path}")
-
-    k = args.eval_samples
     print0(f"RL on {args.task}: {len(train_task)} training items, {len(test_task)} held-out | {num_steps} steps x "
            f"{args.prompts_per_step} prompts x {args.samples_per_prompt} samples | {ws} rank(s) on {device} | "
            f"from {args.init_from} ({sum(p.numel() for p in model.parameters()):,} params)")
     t_start, step, step_time = time.time(), start_step, 0.0
     while True:
+        # 3) evaluate and checkpoint the model after `step` updates: here at the top, so step 0 is measured too
         last = step == num_steps
         stop = last or step == args.stop_at_step
-        if (args.eval_every > 0 and step % args.eval_every == 0) or last or (step == 0 and before is None):
-            t0 = time.time()
-            model.eval()
-            p1, pk = evaluate_pass(eng, test_task, k, max_new, args.temperature, args.top_k, device, seed=args.seed + 10**9)
-            model.train()
-            after = {"pass@1": p1, f"pass@{k}": pk}
-            before = before or after
-            print0(f"step {step:05d} | pass@1 {p1:.4f} | pass@{k} {pk:.4f} | ({time.time() - t0:.1f}s)")
-            log({"step": step, "pass@1": p1, f"pass@{k}": pk})
+        if (args.eval_every > 0 and step % args.eval_every == 0) or last or (step == 0 and state.before is None):
+            state.after = held_out_eval(model, eng, test_task, args, max_new, device, step)
+            state.before = state.before or state.after
+            log({"step": step, **state.after})
         if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
-            save(step)
+            save(ckpt_dir, step, model, optimizer, run_meta, state, time.time() - t_start, device, rank, ws, args.keep_last)
         if stop:
             break
 
-        # 1) sample: my share of the step's prompts, k completions each, graded
+        # 1) sample and grade
         t0 = time.time()
-        model.eval()
-        groups = []
-        for j in range(rank, args.prompts_per_step, ws):
-            i = prompt_index(step, j, args.prompts_per_step, len(train_task), args.seed)
-            out = rollout(eng, train_task, train_task[i], args.samples_per_prompt, max_new, args.temperature, args.top_k,
-                          seed=args.seed * 1_000_003 + step * args.prompts_per_step + j)
-            if out is not None:
-                groups.append(out)
-        model.train()
+        groups = sample_groups(model, eng, train_task, step, args, max_new, rank, ws)
         t_sample = time.time() - t0
-        # the normalizer: sampled tokens of the whole step, all ranks, so every token weighs the same
-        stats = torch.tensor([sum(sum(m) for g in groups for m in g[1]), sum(sum(g[2]) for g in groups),
-                              sum(len(g[2]) for g in groups), sum(min(g[2]) == max(g[2]) for g in groups)],
-                             dtype=torch.float64, device=device)
-        if ws > 1:
-            dist.all_reduce(stats)
-        num_tokens, reward_sum, n_samples, n_flat = stats.tolist()  # n_flat: groups with equal rewards (no signal)
-        # 2) learn: one policy-gradient step
+        num_tokens, reward_sum, n_samples, n_flat = step_totals(groups, device, ws)  # n_flat: groups without signal
+        # 2) learn
         lrm = train.lr_multiplier(step, num_steps, 0.0, 1.0, 0.0)  # linear decay to 0
-        train.set_schedule(optimizer, lrm, MUON_MOMENTUM)
-        loss = torch.zeros((), dtype=torch.float64, device=device)
-        for seqs, masks, r in groups:
-            loss += pg_backward(model, seqs, masks, advantages(r), max(num_tokens, 1.0), device, args.device_batch_size, ws)
-        optimizer.step()  # averages the gradients over ranks (reduce-scatter inside)
-        model.zero_grad(set_to_none=True)
-        if ws > 1:
-            dist.all_reduce(loss)
-        loss = loss.item()
+        loss = policy_update(model, optimizer, groups, num_tokens, lrm, step, args.device_batch_size, device, ws)
         dt = time.time() - t0
         step_time += dt
         reward = reward_sum / max(n_samples, 1)
-        rewards.append(reward)
+        state.rewards.append(reward)
         eta = step_time / (step + 1 - start_step) * (num_steps - step - 1)
         print0(f"step {step + 1:05d}/{num_steps:05d} | reward {reward:.4f} | groups without signal {n_flat:.0f} | "
                f"tokens {num_tokens:,.0f} | lrm {lrm:.2f} | {dt * 1000:.0f}ms ({t_sample * 1000:.0f}ms sampling) | "
-               f"elapsed {train._fmt_time(time.time() - t_start)} | eta {train._fmt_time(eta)}")
+               f"elapsed {train.fmt_time(time.time() - t_start)} | eta {train.fmt_time(eta)}")
         log({"step": step, "reward": reward, "pg_loss": loss, "sampled_tokens": num_tokens, "lrm": lrm, "dt": dt})
         step += 1
 
-    wall_time += time.time() - t_start  # this invocation's share: a resumed run adds up its parts
+    state.wall_time += time.time() - t_start  # this invocation's share
     if last:
-        print0(f"pass@1 {before['pass@1']:.4f} -> {after['pass@1']:.4f} | pass@{k} {before[f'pass@{k}']:.4f} -> "
-               f"{after[f'pass@{k}']:.4f} | {num_steps} steps | elapsed {train._fmt_time(wall_time)} ({wall_time:.0f}s)")
-        # the summary table's row: greedy accuracy on the held-out items, as chat_sft.py measures it, so
-        # the SFT and RL columns compare like with like (pass@1 above is sampled at --temperature)
-        greedy = evals.evaluate_chat(model, tokenizer, device, [test_task],
-                                     generate=evals.engine_generate(model, tokenizer))
-        if master:
-            evals.write_section("rl", {
-                "task": args.task, "init_from": args.init_from, "tag": ckpt_dir.name, "num_steps": num_steps,
-                "prompts_per_step": args.prompts_per_step, "samples_per_prompt": args.samples_per_prompt,
-                "held_out_items": len(test_task), "pass@1_before": before["pass@1"], "pass@1_after": after["pass@1"],
-                test_task.name: greedy[test_task.name],
-                f"pass@{k}_before": before[f"pass@{k}"], f"pass@{k}_after": after[f"pass@{k}"],
-                "reward_first": rewards[0] if rewards else None, "reward_last": rewards[-1] if rewards else None,
-                "reward_curve": evals.sparkline(rewards), "reward_per_step": rewards, "wall_time_s": round(wall_time, 1),
-                "world_size": ws, "device": str(device)})
-    return {"step": step, "before": before, "after": after, "rewards": rewards, "ckpt_dir": ckpt_dir}
+        final_report(args, model, tokenizer, test_task, ckpt_dir, num_steps, state, device, ws, master)
+    return {"step": step, "before": state.before, "after": state.after, "rewards": state.rewards, "ckpt_dir": ckpt_dir}
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ padded, and a loss only where render_conversation's mask is 1 (what the assistan
 Reads top to bottom: constants, the identity and SmolTalk tasks, the mixtures, the two loaders,
 the optimizer step, the loop, the toy-world measurement, the command line.
 """
-import argparse, bisect, contextlib, json, math, random, shutil, time
+import argparse, contextlib, functools, math, random, time
 from dataclasses import asdict
 
 import numpy as np
@@ -147,7 +147,7 @@ class SmolTalk(evals.Task):
 
     def get_example(self, i):
         row = self.rows[i]
-        evals._need(row, ("messages",), f"HuggingFaceTB/smol-smoltalk {self.split} row {i}")
+        evals.need(row, ("messages",), f"HuggingFaceTB/smol-smoltalk {self.split} row {i}")
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
 
     def evaluate(self, item, completion):
@@ -256,27 +256,19 @@ class PackedLoader(_Stream):
 
     def __init__(self, mixture, tokenizer, batch_size, T, rank=0, world_size=1, device="cpu", buffer=1000):
         super().__init__(mixture, tokenizer, T, rank, world_size)
-        self.B, self.device, self.buffer = batch_size, torch.device(device), buffer
-        self.lens, self.gs, self.docs = [], [], []  # the buffer, sorted by length (ties: arrival order)
-
-    def _insert(self, g, ids):
-        i = bisect.bisect_right(self.lens, len(ids))
-        self.lens.insert(i, len(ids))
-        self.gs.insert(i, g)
-        self.docs.insert(i, ids)
+        self.B, self.device, self.buffer_size = batch_size, torch.device(device), buffer
+        self.buffer = train.BestFit()  # (stream position, ids) of conversations waiting to be packed
 
     def _row(self):
         row, valid, n = np.full(self.T + 1, self.tokenizer.bos_id, np.int64), np.zeros(self.T + 1, bool), 0
         while True:
-            while len(self.docs) < max(1, self.buffer):
+            while len(self.buffer) < max(1, self.buffer_size):
                 g, ids, _ = self.next()
-                self._insert(g, ids)
-            i = bisect.bisect_right(self.lens, self.T + 1 - n) - 1  # the longest that fits
-            if i < 0:
+                self.buffer.add(len(ids), (g, ids))
+            best = self.buffer.take(self.T + 1 - n)
+            if best is None:
                 return row, valid
-            ids = self.docs.pop(i)
-            self.lens.pop(i)
-            self.gs.pop(i)
+            ids = best[1]
             row[n:n + len(ids)], valid[n:n + len(ids)] = ids, True
             n += len(ids)
 
@@ -288,15 +280,11 @@ class PackedLoader(_Stream):
         return _to_device(rows[:, :-1].contiguous(), y, self.device)
 
     def state_dict(self):
-        return {"pos": self.pos, "buffer": list(self.gs), "rank": self.rank, "world_size": self.ws}
+        return {"pos": self.pos, "buffer": [g for g, _ in self.buffer.items], "rank": self.rank, "world_size": self.ws}
 
     def load_state_dict(self, state):
-        self.pos, self.lens, self.gs, self.docs = state["pos"], [], [], []
-        for g in state["buffer"]:  # rendering is deterministic: the same tokens, in the same order
-            ids = self.render(g)[0]
-            self.lens.append(len(ids))
-            self.gs.append(g)
-            self.docs.append(ids)
+        items = [(g, self.render(g)[0]) for g in state["buffer"]]  # rendering is deterministic: the same tokens
+        self.pos, self.buffer = state["pos"], train.BestFit([len(ids) for _, ids in items], items)  # saved in order
 
 
 def collate_sft(examples, pad_id):
@@ -374,12 +362,8 @@ def parse_args(argv=None):
     a("--max-seq-len", type=int, default=-1, help="row length in tokens (-1 = the model's context)")
     a("--buffer-convs", type=int, default=1000, help="mid: conversations the packer chooses from")
     # optimization (train.py's rates, times --init-lr-frac)
-    a("--embedding-lr", type=float, default=0.2)
-    a("--unembedding-lr", type=float, default=0.004)
-    a("--matrix-lr", type=float, default=0.02)
-    a("--scalar-lr", type=float, default=0.02)
+    train.add_lr_flags(a)
     a("--init-lr-frac", type=float, default=-1, help="scales every rate (-1: 1.0 from base, 0.02 for sft from mid)")
-    a("--weight-decay", type=float, default=0.0)
     a("--warmup-ratio", type=float, default=0.0)
     a("--warmdown-ratio", type=float, default=-1, help="-1: mid 0.2, sft 1.0 (linear decay to --final-lr-frac)")
     a("--final-lr-frac", type=float, default=0.0)
@@ -442,15 +426,9 @@ def eval_task_names(spec, mixture) -> list:
     return names
 
 
-def newest_tag(source: str):
-    root = train.checkpoint_root(source)
-    tags = [d for d in root.iterdir() if d.is_dir() and train.last_step(d) is not None] if root.is_dir() else []
-    return max(tags, key=lambda d: train._step_dirs(d)[-1].stat().st_mtime).name if tags else None
-
-
 def load_source(source, tag, step, device, flag="--init-from"):
     """(model, tokenizer, meta, tag) of checkpoints/<source>/<tag>; a one-line error naming the flag."""
-    tag = tag or newest_tag(source)
+    tag = tag or train.newest_tag(source)
     if tag is None:
         hint = "; run --stage mid first, or pass --init-from base" if source == "mid" and flag == "--init-from" else ""
         raise SystemExit(f"{flag} {source}: no {source} checkpoints under {train.checkpoint_root(source)}{hint}")
@@ -490,18 +468,12 @@ def finetune(args):
                          f"{'' if sft else '--max-seq-len x '}world size = {per_micro}")
     grad_accum = args.total_batch_size // per_micro
     mixture = build_mixture(args.mixture, args.stage, args.seed)
-    if sft:
-        loader = RowLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device)
-        one_pass = len(mixture) // args.total_batch_size
-    else:
-        loader = PackedLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device, args.buffer_convs)
-        one_pass = estimate_tokens(mixture, tokenizer, T) // args.total_batch_size if args.num_iterations < 1 else 0
-    num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, one_pass)
+    loader, num_iterations = make_loader(args, mixture, tokenizer, T, rank, ws, device)
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    use_bf16 = engine.use_bf16(device)
-    autocast_ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    use_bf16 = train.use_bf16(device)
+    autocast_ctx = functools.partial(train.autocast, device)
     f = args.init_lr_frac
     optimizer = train.setup_optimizer(model, args.embedding_lr * f, args.unembedding_lr * f, args.matrix_lr * f,
                                       args.scalar_lr * f, args.weight_decay, rank, ws)
@@ -549,15 +521,8 @@ def finetune(args):
             save(step)
         if stop:
             break
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
         lrm = train.lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        train.set_schedule(optimizer, lrm, train.muon_momentum(step))
-        batches = [loader.next_batch() for _ in range(grad_accum)]
-        n_tok = sum(int((y >= 0).sum()) for _, y in batches) * ws  # target tokens (approx. across ranks)
-        loss = float(train_step(model, optimizer, batches, ws, autocast_ctx))
-        dt = time.time() - t0
+        loss, dt, n_tok = optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, ws, device)
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
         if step > start_step:  # the first step of a run includes compilation and warmup
@@ -568,7 +533,7 @@ def finetune(args):
         eta = train_time / max(step - start_step, 1) * (num_iterations - step - 1)
         train.print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | "
                      f"lrm {lrm:.3f} | {dt * 1000:.0f}ms | {n_tok / dt:,.0f} target tok/s | epoch {loader.epoch:.2f} | "
-                     f"elapsed {train._fmt_time(time.time() - t_start)} | eta {train._fmt_time(eta)}")
+                     f"elapsed {train.fmt_time(time.time() - t_start)} | eta {train.fmt_time(eta)}")
         log({"step": step, "loss": loss, "smooth_loss": shown, "lrm": lrm, "dt": dt, "target_tokens": n_tok,
              "train_time": train_time})
         step += 1
@@ -579,14 +544,36 @@ def finetune(args):
             results = evals.evaluate_chat(raw_model, tokenizer, device, [evals.get_task(n) for n in args.eval_names],
                                           args.max_problems, evals.engine_generate(raw_model, tokenizer, args.max_new_tokens))
         if master:
-            evals.write_section(args.stage, {
+            tok.write_section(args.stage, {
                 "stage": args.stage, "tag": ckpt_dir.name, "mixture": args.mixture, "init_from": f"{args.init_from}/{src_tag}",
                 "num_iterations": num_iterations, "total_batch_size": args.total_batch_size, "batch_unit": unit,
                 "conversations": len(mixture), "mixture_rows": mixture.rows, "epochs": round(loader.epoch, 4),
                 "train_time_s": train_time, "final_loss": last_loss, "smooth_loss": smooth_loss / (1 - 0.9 ** step) if step else None,
-                "world_size": ws, "device": str(device),
-                **results})
+                "world_size": ws, "device": str(device), **results})
     return {"step": step, "loss": last_loss, "ckpt_dir": ckpt_dir, "results": results}
+
+
+def make_loader(args, mixture, tokenizer, T, rank, ws, device):
+    """(loader, steps): sft one conversation a row, mid packed rows; -1 steps is one pass over the mixture."""
+    if args.stage == "sft":
+        loader = RowLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device)
+        one_pass = len(mixture) // args.total_batch_size
+    else:
+        loader = PackedLoader(mixture, tokenizer, args.device_batch_size, T, rank, ws, device, args.buffer_convs)
+        one_pass = estimate_tokens(mixture, tokenizer, T) // args.total_batch_size if args.num_iterations < 1 else 0
+    return loader, args.num_iterations if args.num_iterations > 0 else max(1, one_pass)
+
+
+def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, ws, device) -> tuple:
+    """One step at the schedule's lr multiplier: (loss, seconds, target tokens on all ranks, approximately)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    train.set_schedule(optimizer, lrm, train.muon_momentum(0, warmup_steps=0))
+    batches = [loader.next_batch() for _ in range(grad_accum)]
+    n_tok = sum(int((y >= 0).sum()) for _, y in batches) * ws
+    loss = float(train_step(model, optimizer, batches, ws, autocast_ctx))
+    return loss, time.time() - t0, n_tok
 
 
 def estimate_tokens(mixture, tokenizer, T) -> int:
@@ -656,7 +643,7 @@ def measure_main(args):
     print(f"{'checkpoint':<20}" + "".join(f"{k:>20}" for k in keys))
     for name, row in table.items():
         print(f"{name:<20}" + "".join(f"{row[k]:>20.3f}" for k in keys))
-    evals.write_section("toy_chat", table)
+    tok.write_section("toy_chat", table)
     return table
 
 

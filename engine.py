@@ -11,15 +11,12 @@ stream), the code sandbox itself, and a terminal chat.
     python engine.py sandbox                            # which of the sandbox's layers this machine has
 
 Reads top to bottom: constants, the sandbox, the KV cache, sampling, the streamer, the tool state
-machine, the Engine (the main loop), the chat CLI, __main__. What other stages call:
-    Engine(model, tokenizer).generate(...) / .generate_batch(...), load_engine(source, tag, step),
-    KVCache, sample_next_token, TextStreamer, execute_code, eval_arithmetic, run_tool, STOP_TOKENS.
+machine, the Engine (the main loop), the chat CLI, __main__.
 """
 
 import argparse
 import ast
 import codecs
-import contextlib
 import functools
 import inspect
 import json
@@ -38,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 import tok
+import train
 
 # ---------------------------------------------------------------------------------------------
 # Constants
@@ -519,9 +517,9 @@ def _kill_group(proc):
 
 
 # The fast path: tool calls in toy-world and GSM8K are almost all arithmetic ("12*7"). Evaluating
-# those from the AST takes ~10 us in-process against ~25 ms for a sandbox process (measured by
-# bench/engine_bench.py, 2 CPU cores), and every tool call stalls the whole decoding batch, so RL
-# with thousands of calls would otherwise spend minutes just starting interpreters. It handles only numbers and + - * / // % ** and
+# those from the AST takes microseconds in-process against milliseconds for a sandbox process
+# (bench/engine_bench.py), and every tool call stalls the whole decoding batch, so RL with thousands
+# of calls would otherwise spend minutes just starting interpreters. It handles only numbers and + - * / // % ** and
 # returns None (so the caller falls back to the sandbox) for anything else, for any error, and
 # for numbers that get huge, so its answers are always exactly what the sandbox would print.
 _ARITH_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
@@ -630,9 +628,6 @@ class KVCache:
     def advance(self, num_tokens):
         self.pos += num_tokens
 
-    def reset(self):
-        self.pos = 0
-
     def copy_from(self, other):
         """Take over another cache's tokens; a batch-1 cache is broadcast to every row (prefill once,
         sample many)."""
@@ -718,16 +713,6 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def use_bf16(device):
-    """bf16 compute on CUDA SM80+ (as in training), plain fp32 elsewhere."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(device) else contextlib.nullcontext()
-
-
 _said_sandbox = False
 
 
@@ -747,7 +732,7 @@ class Engine:
         if tool is run_tool and not _said_sandbox:  # once per process: what guards the python tool here
             _say_sandbox()
         self.device = next(model.parameters()).device
-        self.bf16 = use_bf16(self.device) if bf16 is None else bf16
+        self.bf16 = train.use_bf16(self.device) if bf16 is None else bf16
         sp = tokenizer.special
         self.stop = {sp(name) for name in STOP_TOKENS}
         self.bos = tokenizer.bos_id
@@ -842,7 +827,7 @@ def for_inference(model):
     """The model in eval mode and, where inference runs in bf16, with bf16 weights: a decode step reads
     every weight once, so this halves its memory traffic (fp32 master weights only matter to training).
     The rotary tables stay fp32. Only for a model nobody trains afterwards (serve, chat, benchmarks)."""
-    if use_bf16(next(model.parameters()).device):
+    if train.use_bf16(next(model.parameters()).device):
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
     return model.eval()
@@ -850,7 +835,6 @@ def for_inference(model):
 
 def load_engine(source="sft", tag=None, step=None, device=None):
     """A checkpoint as (Engine, meta), through train.load_model(source, tag, step, device)."""
-    import train  # lazily: the sandbox and the generation loop do not need the training stack
     model, tokenizer, meta = train.load_model(source, tag, step, device or default_device())
     return Engine(for_inference(model), tokenizer), meta
 

@@ -5,15 +5,11 @@ evals.py: measure every stage and write the report card.
   python evals.py chat --source sft [-a ARC-Easy,GSM8K] [--max-problems N]     # chat tasks, ChatCORE
   python evals.py report [--gpu-hour-cost 3.0]                                  # $SPEEDCHAT_HOME/report/report.md
   python evals.py download [-a ARC-Easy,MMLU] [--no-core]                       # fetch the data ahead of a run
-  torchrun --standalone --nproc_per_node=8 evals.py core --source base          # same numbers, 8x faster
+  torchrun --standalone --nproc_per_node=8 evals.py core --source base          # same numbers, items split over 8 GPUs
 
 Reads top to bottom: constants, downloads, CORE (bundle, core.yaml, prompts, scoring), chat tasks
-(the Task objects that chat_sft.py and chat_rl.py also train on), chat evaluation, the report card,
-the command line. What other stages call:
-    evaluate_core(model, tokenizer, device, max_per_task=-1) -> {"core_metric", "results", ...}; core_report(res)
-    ARC, MMLU, GSM8K, HumanEval, SpellingBee, TaskMixture, CHAT_TASKS, get_task(name)
-    evaluate_chat(model, tokenizer, device, tasks, max_problems=-1) -> {task: accuracy, "ChatCORE": x}
-    write_section(name, dict), assemble_report()
+(the Task objects that chat_sft.py and chat_rl.py also train on), chat evaluation, the report card
+(assembled from the sections each stage writes with tok.write_section), the command line.
 """
 import argparse, contextlib, copy, csv, fcntl, functools, json, math, os, platform, random, re, shutil, subprocess, sys, time
 import zipfile, zlib
@@ -24,6 +20,9 @@ import torch.nn.functional as F
 import torch.distributed as dist
 
 import tok
+import train
+import engine
+from train import print0
 
 # ----------------------------------------------------------------------------- constants
 
@@ -38,17 +37,11 @@ CHAT_BASELINE = {"categorical": 0.25, "generative": 0.0}  # ChatCORE centers by 
 HUMANEVAL_TIMEOUT = 10.0      # seconds per HumanEval program in the sandbox
 SECTIONS = {"tokenizer": "Tokenizer", "base": "Base model", "mid": "Midtraining", "sft": "SFT", "rl": "RL"}  # in order
 SUMMARY_ROWS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-TIME_KEYS = ("wall_time_s", "training_time_s", "train_time_s", "train_seconds")  # a section's own duration
 SPARK = "▁▂▃▄▅▆▇█"
 
 
 class EvalError(tok.DataError):
     """Bad input named plainly: the CLI prints it as one line (tok.fetch does not retry it)."""
-
-
-def print0(*args, **kwargs):
-    if _rank_world()[0] == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def _rank_world():
@@ -64,13 +57,6 @@ def _all_reduce_sum(values: list, device) -> list:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def _autocast(device):
-    """bf16 compute on CUDA (as in training), plain fp32 elsewhere."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -99,6 +85,13 @@ def _verify_zip(path):
         bad = z.testzip()
         if bad is not None:  # damaged bytes: fetched again
             raise zipfile.BadZipFile(f"corrupt member {bad}")
+
+
+def _verify_url_list(path):
+    """The parquet API's answer: a JSON list of file URLs (a body cut short is not JSON, and is fetched again)."""
+    urls = json.loads(Path(path).read_text())
+    if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
+        raise EvalError(f"expected a non-empty JSON list of parquet URLs, got {str(urls)[:100]}")
 
 
 def _verify_parquet(path):
@@ -132,68 +125,20 @@ def ensure_bundle(url: str | None = None, backoff: float = 1.0) -> Path:
     return folder
 
 
-def _strip_comment(line: str) -> str:
-    """Drop a '# comment' that is outside quotes."""
-    quote = None
-    for i, c in enumerate(line):
-        if quote:
-            if c == quote:
-                quote = None
-        elif c in "'\"":
-            quote = c
-        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
-            return line[:i]
-    return line
-
-
-def _yaml_scalar(s: str):
-    s = s.strip()
-    if len(s) >= 2 and s[0] == s[-1] == "'":
-        return s[1:-1].replace("''", "'")
-    if len(s) >= 2 and s[0] == s[-1] == '"':
-        try:
-            return json.loads(s)  # YAML double-quoted escapes (\n, \t, \", \\) are mostly JSON's
-        except ValueError:
-            return s[1:-1].encode("latin-1", "backslashreplace").decode("unicode_escape")
-    if s.startswith("[") and s.endswith("]"):
-        return [_yaml_scalar(x) for x in s[1:-1].split(",") if x.strip()]
-    if re.fullmatch(r"-?\d+", s):
-        return int(s)
-    return s
-
-
 def parse_core_yaml(text: str, where: str = "core.yaml") -> list:
-    """The icl_tasks list of core.yaml, without PyYAML: '-' starts a task, 'key: value' sets a field,
-    '- x' lines under an empty 'key:' form a list. Enough for the DCLM file; tolerant of its variants."""
-    tasks, cur, list_key = [], None, None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = _strip_comment(raw).rstrip()
-        s = line.strip()
-        if not s or s == "icl_tasks:" or s == "---":
-            continue
-        try:
-            if s.startswith("-") and (s == "-" or s[1] in " \t"):
-                rest = s[1:].strip()
-                if list_key is not None and rest and not re.match(r"^[\w.]+:(\s|$)", rest):
-                    cur[list_key].append(_yaml_scalar(rest))  # an item of a block list
-                    continue
-                cur, list_key = {}, None
-                tasks.append(cur)
-                s = rest
-                if not s:
-                    continue
-            m = re.match(r"^([\w.]+):(?:\s+(.*))?$", s)
-            if not m:
-                raise ValueError(f"cannot read {raw.strip()!r}")
-            key, value = m.group(1), (m.group(2) or "").strip()
-            if cur is None:  # a top-level key other than icl_tasks
-                continue
-            if value:
-                cur[key], list_key = _yaml_scalar(value), None
-            else:
-                cur[key], list_key = [], key
-        except (ValueError, IndexError) as e:
-            raise EvalError(f"{where}:{lineno}: {e}") from None
+    """The icl_tasks list of core.yaml, each task's fields checked and given their defaults."""
+    try:  # PyYAML (a dependency): core.yaml is YAML as llm-foundry writes it; imported here so that the
+        import yaml  # rest of evals.py works on a machine without it (a GPU image with torch alone)
+    except ImportError:
+        raise EvalError(f"{where}: reading it needs PyYAML (pip install pyyaml)") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        raise EvalError(f"{where}:{mark.line + 1 if mark else '?'}: {getattr(e, 'problem', None) or e}") from None
+    tasks = (doc.get("icl_tasks") if isinstance(doc, dict) else None) or []
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise EvalError(f"{where}: icl_tasks is not a list of tasks")
     out = []
     for i, t in enumerate(tasks):
         for field in ("label", "dataset_uri", "icl_task_type"):
@@ -326,7 +271,7 @@ def score_sequences(model, seqs, device, batch_tokens=CORE_BATCH_TOKENS) -> list
         for r, j in enumerate(chunk):
             x[r, :len(seqs[j][0])] = torch.tensor(seqs[j][0])
         x = x.to(device)
-        with _autocast(device):
+        with train.autocast(device):
             logits = model(x)
         # gather only the span positions (logits at p predict token p+1): one small (N, V) slice per batch
         rows = [r for r, j in enumerate(chunk) for _ in range(seqs[j][2] - seqs[j][1])]
@@ -393,7 +338,7 @@ def evaluate_task(model, tokenizer, task, data, device, max_per_task=-1, batch_t
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, batch_tokens=CORE_BATCH_TOKENS) -> dict:
     """CORE: each task's accuracy, centered by its random baseline, averaged. Call on every rank.
-    Returns {"core_metric", "results", "centered", "items" scored, "all_items" in the task files}."""
+    Returns {"CORE", "results", "centered", "items" scored, "all_items" in the task files}."""
     bundle = Path(bundle) if bundle else ensure_bundle()
     tasks = parse_core_yaml((bundle / "core.yaml").read_text(encoding="utf-8"), str(bundle / "core.yaml"))
     baselines = load_baselines(bundle / "eval_meta_data.csv")
@@ -414,15 +359,15 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, bundle=None, batch_
     core = sum(cent.values()) / len(cent)
     what = "every item" if items == all_items else f"a subsample, at most {max_per_task} per task"
     print0(f"CORE {core:.4f} over {len(tasks)} tasks, {items:,} of {all_items:,} items ({what}) | GPT-2 1.5B: {GPT2_XL_CORE}")
-    return {"core_metric": core, "results": results, "centered": cent, "items": items, "all_items": all_items}
+    return {"CORE": core, "results": results, "centered": cent, "items": items, "all_items": all_items}
 
 
 def core_report(res: dict) -> dict:
     """CORE as the report records it: "CORE" only when every item of every task was scored (the
     leaderboard's figure), else "CORE_subsample" with its size, so that the two are never confused."""
     if res["items"] == res["all_items"]:
-        return {"CORE": res["core_metric"], "CORE_tasks": len(res["results"]), "CORE_items": res["items"]}
-    return {"CORE_subsample": res["core_metric"], "CORE_subsample_items": res["items"]}
+        return {"CORE": res["CORE"], "CORE_tasks": len(res["results"]), "CORE_items": res["items"]}
+    return {"CORE_subsample": res["CORE"], "CORE_subsample_items": res["items"]}
 
 
 # ----------------------------------------------------------------------------- chat tasks: data
@@ -430,7 +375,6 @@ def core_report(res: dict) -> dict:
 def hf_parquet(repo: str, subset: str, split: str, backoff: float = 1.0) -> list:
     """Local parquet files of a Hugging Face dataset split, under $SPEEDCHAT_HOME/tasks; downloaded once
     through the parquet API (a JSON list of file URLs)."""
-    import requests
     folder = tok.home() / "tasks" / repo.replace("/", "__") / subset / split
     manifest = folder / "files.json"
 
@@ -447,28 +391,17 @@ def hf_parquet(repo: str, subset: str, split: str, backoff: float = 1.0) -> list
         if have():
             return have()
         api = f"{tok.HF_ENDPOINT}/api/datasets/{repo}/parquet/{subset}/{split}"
-        urls = None
-        for attempt in range(5):
-            try:
-                r = requests.get(api, timeout=30)
-                if r.status_code == 404:
-                    raise EvalError(f"{repo}: no subset {subset!r} / split {split!r} ({api} says 404)")
-                r.raise_for_status()
-                urls = r.json()
-                break
-            except (requests.RequestException, ValueError) as e:
-                if attempt == 4:
-                    raise EvalError(f"cannot list {api}: {type(e).__name__}: {e}") from None
-                print(f"retry {attempt + 1}/4 in {backoff * 2 ** attempt:.1f}s: {api}: {type(e).__name__}", file=sys.stderr)
-                time.sleep(backoff * 2 ** attempt)
-        if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
-            raise EvalError(f"{api}: expected a non-empty JSON list of parquet URLs, got {str(urls)[:100]}")
+        try:
+            download_file(api, folder / "urls.json", _verify_url_list, backoff=backoff)
+        except EvalError as e:
+            if "HTTP 404" in str(e):
+                raise EvalError(f"{repo}: no subset {subset!r} / split {split!r} ({api} says 404)") from None
+            raise
+        urls = json.loads((folder / "urls.json").read_text())
         names = [f"{i:04d}.parquet" for i in range(len(urls))]
         for url, name in zip(urls, names):
             download_file(url, folder / name, _verify_parquet, backoff=backoff)
-        tmp = manifest.with_name("files.json.tmp")
-        tmp.write_text(json.dumps(names))
-        os.replace(tmp, manifest)
+        tok.atomic_write(manifest, json.dumps(names))
     return have()
 
 
@@ -480,7 +413,7 @@ def hf_rows(repo: str, subset: str, split: str) -> list:
     return rows
 
 
-def _need(row, fields, where):
+def need(row, fields, where):
     for k in fields:
         if k not in row:
             raise EvalError(f"{where}: row has no '{k}' field (has {', '.join(row)})")
@@ -591,7 +524,7 @@ class ARC(Task):
 
     def get_example(self, i):
         row = self.rows[i]
-        _need(row, ("question", "choices", "answerKey"), f"allenai/ai2_arc {self.name}/{self.split} row {i}")
+        need(row, ("question", "choices", "answerKey"), f"allenai/ai2_arc {self.name}/{self.split} row {i}")
         labels, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
         if row["answerKey"] not in labels:
             raise EvalError(f"allenai/ai2_arc {self.name}/{self.split} row {i}: answerKey {row['answerKey']!r} not in {labels}")
@@ -618,7 +551,7 @@ class MMLU(Task):
         row = self.rows[i]
         if "train" in row and isinstance(row["train"], dict):  # auxiliary_train rows are wrapped in a 'train' field
             row = row["train"]
-        _need(row, ("question", "choices", "answer"), f"cais/mmlu {self.split} row {i}")
+        need(row, ("question", "choices", "answer"), f"cais/mmlu {self.split} row {i}")
         return _categorical_item(row["question"], list(row["choices"]), int(row["answer"]), subject=row.get("subject", ""))
 
     def evaluate(self, item, completion):
@@ -673,7 +606,7 @@ class GSM8K(Task):
 
     def get_example(self, i):
         row = self.rows[i]
-        _need(row, ("question", "answer"), f"openai/gsm8k {self.split} row {i}")
+        need(row, ("question", "answer"), f"openai/gsm8k {self.split} row {i}")
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": gsm8k_parts(row["answer"])}],
                 "answer": gsm8k_answer(row["answer"])}
@@ -690,7 +623,6 @@ def extract_code(completion: str) -> str:
 
 def _sandbox(code: str, timeout: float) -> bool:
     """True when code runs without error in engine.py's sandbox (a separate, limited process)."""
-    import engine
     return engine.execute_code(code, timeout=timeout).success
 
 
@@ -720,7 +652,7 @@ class HumanEval(Task):
 
     def get_example(self, i):
         row = self.rows[i]
-        _need(row, ("prompt", "canonical_solution", "test", "entry_point"), f"openai/openai_humaneval row {i}")
+        need(row, ("prompt", "canonical_solution", "test", "entry_point"), f"openai/openai_humaneval row {i}")
         return {"messages": [{"role": "user", "content": row["prompt"]},
                              {"role": "assistant", "content": f"```python\n{row['prompt']}{row['canonical_solution']}```"}],
                 "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],
@@ -918,7 +850,7 @@ def run_categorical(model, tokenizer, task, device, batch_size=8) -> tuple:
         x = torch.zeros(len(batch), T, dtype=torch.long)
         for r, p in enumerate(prompts):
             x[r, :len(p)] = torch.tensor(p)
-        with _autocast(device):
+        with train.autocast(device):
             logits = model(x.to(device))
         for r, (it, p) in enumerate(zip(batch, prompts)):
             letter_ids = [tokenizer.encode(l)[0] for l in it["letters"]]
@@ -929,7 +861,6 @@ def run_categorical(model, tokenizer, task, device, batch_size=8) -> tuple:
 
 def engine_generate(model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=50, seed=42):
     """prompt ids -> completion text, through engine.py (KV cache, python tool calls)."""
-    import engine
     eng = engine.Engine(model, tokenizer)
     stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
 
@@ -991,18 +922,6 @@ def evaluate_chat(model, tokenizer, device, tasks=None, max_problems=-1, generat
 
 # ----------------------------------------------------------------------------- the report card
 
-def write_section(name: str, data: dict, merge: bool = True):
-    """Write (or, merge=True, update) report/<name>.json; several commands can fill one stage's section."""
-    path = tok.home() / "report" / f"{name}.json"
-    old = {}
-    if merge and path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-    tok.write_report(name, {**old, **data})
-
-
 def read_sections() -> dict:
     out = {}
     for name in SECTIONS:
@@ -1062,7 +981,7 @@ def loss_curves() -> dict:
         for line in logs[-1].read_text(errors="replace").splitlines():
             try:
                 e = json.loads(line)
-                v = e.get("smooth_loss", e.get("loss", e.get("train_loss")))
+                v = e.get("smooth_loss", e.get("loss"))
                 if v is not None and math.isfinite(float(v)):
                     pts.append((int(e.get("step", len(pts))), float(v)))
             except (ValueError, TypeError, AttributeError):
@@ -1081,16 +1000,16 @@ def sparkline(values, width=60) -> str:
     return "".join(SPARK[int((v - lo) / (hi - lo) * (len(SPARK) - 1)) if hi > lo else 0] for v in vals)
 
 
-def _plot(curves, path) -> bool:
+def _plot(stage, pts, path) -> bool:
+    """One stage's loss curve as a PNG; False without matplotlib (an optional extra: the sparkline stands)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for stage, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -1122,11 +1041,11 @@ def _gpus(sec: dict) -> int:
 def leaderboard(base: dict) -> list:
     """The time-to-GPT-2 rule, as report lines: the base model's training time (its optimizer steps only),
     its final val bpb and its CORE over every item of every task, and whether that beats GPT-2 1.5B."""
-    core, sub, t = base.get("CORE"), base.get("CORE_subsample"), base.get("training_time_s")
+    core, sub, t = base.get("CORE"), base.get("CORE_subsample"), base.get("train_time_s")
     core_text = f"{core:.4f} ({base.get('CORE_tasks')} tasks, {base.get('CORE_items', 0):,} items)" if core is not None else \
         "not measured: run `evals.py core --source base`" + (f" (a subsample gave {sub:.4f}: not a leaderboard figure)" if sub is not None else "")
     beats = "-" if core is None else "yes" if core > GPT2_XL_CORE else "no"
-    rows = [("training time (optimizer steps only)", f"{_fmt_time(t)} ({t:,.0f} s)" if t is not None else "-"),
+    rows = [("training time (optimizer steps only)", f"{train.fmt_time(t)} ({t:,.0f} s)" if t is not None else "-"),
             ("GPUs", f"{base.get('gpu_count', '-')} x {base.get('gpu', '-')}"),
             ("final val bpb", _fmt(base.get("val_bpb"))), ("CORE, every item", core_text),
             (f"beats GPT-2 1.5B (CORE > {GPT2_XL_CORE})", beats),
@@ -1134,11 +1053,6 @@ def leaderboard(base: dict) -> list:
             ("command", f"`{base.get('command', '-')}` ({base.get('launcher', '-')})"),
             ("torch / CUDA", f"{base.get('torch', '-')} / {base.get('cuda', '-')}")]
     return ["## Time to GPT-2", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows] + [""]
-
-
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def assemble_report(gpu_hour_cost: float = 3.0) -> Path:
@@ -1163,26 +1077,22 @@ def assemble_report(gpu_hour_cost: float = 3.0) -> Path:
     rows = [r for r in rows if r in SUMMARY_ROWS or any(sections.get(s, {}).get(r) is not None for s in stages)]
     md += ["## Summary", "", "| metric | BASE | MID | SFT | RL |", "| --- | --- | --- | --- | --- |"]
     md += [f"| {r} | " + " | ".join(_fmt(sections.get(s, {}).get(r)) for s in stages) + " |" for r in rows] + [""]
-    total = sum(float(next((sec[k] for k in TIME_KEYS if isinstance(sec.get(k), (int, float))), 0)) for sec in sections.values())
+    total = sum(float(sec.get("train_time_s") or 0) for sec in sections.values())
     gpus = max([_gpus(sec) for sec in sections.values()] or [0])
-    md += [f"Training time, all stages (optimizer steps): {_fmt_time(total)} ({total:.0f}s)"]
+    md += [f"Training time, all stages (optimizer steps): {train.fmt_time(total)} ({total:.0f}s)"]
     if gpus:  # a cost only where GPUs ran
         md += [f"Estimated cost: ${total / 3600 * gpus * gpu_hour_cost:.2f} ({gpus} GPU x ${gpu_hour_cost:.2f}/GPU-hour)"]
     md += [""]
     if sections.get("base"):
         md += leaderboard(sections["base"])
     curves = loss_curves()
-    md += ["## Loss curves", ""]
-    if not curves:
-        md += ["-", ""]
-    elif _plot(curves, folder / "loss.png"):
-        md += ["![loss](loss.png)", ""]
+    md += ["## Loss curves", ""] + ([] if curves else ["-", ""])
     for stage, pts in curves.items():
-        md += [f"- {stage}: `{sparkline([p[1] for p in pts])}` {pts[0][1]:.3f} -> {pts[-1][1]:.3f} ({len(pts)} steps)"]
+        png = f"loss_{stage}.png"
+        plot = f" ![{stage} loss]({png})" if _plot(stage, pts, folder / png) else ""
+        md += [f"- {stage}: `{sparkline([p[1] for p in pts])}` {pts[0][1]:.3f} -> {pts[-1][1]:.3f} ({len(pts)} steps){plot}"]
     out = folder / "report.md"
-    tmp = out.with_name("report.md.tmp")
-    tmp.write_text("\n".join(md) + "\n")
-    os.replace(tmp, out)
+    tok.atomic_write(out, "\n".join(md) + "\n")
     return out
 
 
@@ -1235,7 +1145,6 @@ def main(argv=None):
             for n in names:
                 print(f"{n}: {len(get_task(n))} items")
             return
-        import train
         rank, _, world, device = train.compute_init(args.device)
         try:
             model, tokenizer, meta = train.load_model(args.source, args.tag, args.step, device)
@@ -1247,15 +1156,15 @@ def main(argv=None):
                 ensure_bundle()  # one rank downloads; the others find it (the file lock covers races too)
             res = evaluate_core(model, tokenizer, device, args.max_per_task, batch_tokens=args.batch_tokens)
             if rank == 0:
-                write_section(args.source, {**core_report(res), "core_eval_s": round(time.time() - t0, 1)})
-                write_section(f"core_{args.source}", {**{f"acc/{k}": v for k, v in res["results"].items()},
+                tok.write_section(args.source, {**core_report(res), "core_eval_s": round(time.time() - t0, 1)})
+                tok.write_section(f"core_{args.source}", {**{f"acc/{k}": v for k, v in res["results"].items()},
                                                       **{f"centered/{k}": v for k, v in res["centered"].items()}})
         else:
             tasks = [get_task(n) for n in names]
             gen = engine_generate(model, tokenizer, args.max_new_tokens, args.temperature)
             res = evaluate_chat(model, tokenizer, device, tasks, args.max_problems, gen)
             if rank == 0:
-                write_section(args.source, {**res, "chat_eval_s": round(time.time() - t0, 1)})
+                tok.write_section(args.source, {**res, "chat_eval_s": round(time.time() - t0, 1)})
         train.compute_cleanup()
     except (EvalError, tok.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

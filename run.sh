@@ -20,7 +20,7 @@ if [ -z "${SPEEDCHAT_PYTHON:-}" ]; then
     .venv/bin/pip install -q torch==2.13.0 2>/dev/null || .venv/bin/pip install -q torch
   fi
   # installed once; after that run.sh needs no network for the cpu preset
-  $PY -c "import numpy, tiktoken, requests, flask, pyarrow, waitress" 2>/dev/null || .venv/bin/pip install -q -e .
+  $PY -c "import numpy, tiktoken, requests, flask, pyarrow, waitress, yaml" 2>/dev/null || .venv/bin/pip install -q -e .
 fi
 HOME_DEFAULT="$HOME/.cache/speedchat"
 if [ "${1:-}" = rehearsal ]; then HOME_DEFAULT+=-rehearsal; fi  # a rehearsal's tokenizer never meets a real run

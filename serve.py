@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 
 import torch
-from flask import Flask, Response, g, request
+from flask import Flask, Response, current_app, g, request
 from werkzeug.exceptions import HTTPException
 
 import engine
@@ -372,7 +372,9 @@ def openai_events(job, cid, created, model):
 
 
 # ---------------------------------------------------------------------------------------------
-# The app
+# The app: hooks that log and answer errors, the pieces of the chat endpoint, the routes, and
+# create_app, which wires them together. Routes are plain functions; each finds its own app's state
+# (the pool, the model's name, ...) in app.extensions["speedchat"], so several apps may share a process.
 
 
 def error_response(status, message, field=None, headers=None):
@@ -380,6 +382,112 @@ def error_response(status, message, field=None, headers=None):
             503: "overloaded_error"}.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": field, "code": None}}
     return Response(json.dumps(body), status=status, mimetype="application/json", headers=headers)
+
+
+def served():
+    """The state of the app answering this request (see create_app)."""
+    return current_app.extensions["speedchat"]
+
+
+def start_clock():
+    g.t0 = time.perf_counter()
+
+
+def log_plain_request(resp):
+    """The log line of a request that did not generate (one that did logs itself when its Job closes)."""
+    if not g.get("job"):
+        log_request({"path": request.path, "status": resp.status_code,
+                     "latency_s": round(time.perf_counter() - g.get("t0", time.perf_counter()), 4),
+                     **({"error": g.error} if g.get("error") else {})})
+    return resp
+
+
+def bad_request(e):
+    g.error = str(e)
+    return error_response(e.status, str(e), e.field)
+
+
+def http_error(e):
+    g.error = e.name
+    return error_response(e.code, f"{e.name}: {e.description}", "body" if e.code == 413 else None)
+
+
+def admit(state, prompt, turns, settings):
+    """A Job holding a worker for this request, or None when every worker is busy and the queue is
+    full or the wait timed out (the caller answers 503)."""
+    worker = state.pool.acquire()
+    if worker is None:
+        g.error = "all workers busy"
+        return None
+    g.job = True  # the Job writes this request's log line, not log_plain_request
+    # waitress keeps reading the connection while we generate and says when the client hung up (the
+    # development server cannot: there a non-streaming request runs to its end)
+    gone = request.environ.get("waitress.client_disconnected", lambda: False)
+    return Job(state, worker, request.path, prompt, turns, settings, g.t0, gone)
+
+
+def stream_reply(job, cid, created):
+    """stream: true. The reply as server-sent events, generated as the client reads them."""
+    resp = Response(openai_events(job, cid, created, job.state.model_name), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.call_on_close(job.close)  # frees the worker even if the body was never read
+    return resp
+
+
+def whole_reply(job, cid, created):
+    """stream: false. The reply generated to its end, then one chat.completion object."""
+    try:
+        for _ in job.pieces():
+            pass
+    except Exception as e:
+        job.finish = "error"
+        log.exception("generation failed")
+        return error_response(500, f"{type(e).__name__}: {e}")
+    finally:
+        job.close()
+    return {"id": cid, "object": "chat.completion", "created": created, "model": job.state.model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": job.content},
+                         "logprobs": None, "finish_reason": job.finish}],
+            "usage": job.usage()}
+
+
+def index():
+    """GET /: the chat page."""
+    return Response(served().page, mimetype="text/html")
+
+
+def health():
+    """GET /health: workers free and busy, requests waiting."""
+    state = served()
+    return {"status": "ok", "model": state.model_name, **state.pool.stats()}
+
+
+def model_info():
+    """GET /info: the model (name, stage, tag, step) and any example questions."""
+    return served().info
+
+
+def models():
+    """GET /v1/models: the one model served, as OpenAI lists models."""
+    state = served()
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                        "owned_by": "speedchat"}]}
+
+
+def chat_completions():
+    """POST /v1/chat/completions (and /chat/completions): check the request, take a worker (or 503), generate the reply."""
+    state = served()
+    body = parse_body()
+    turns, settings = parse_messages(body), parse_settings(body)
+    prompt = prompt_tokens(state.pool.workers[0].engine.tokenizer, turns, state.completion, state.context)
+    job = admit(state, prompt, turns, settings)
+    if job is None:
+        return error_response(503, "all workers are busy; retry later", headers={"Retry-After": str(RETRY_AFTER)})
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if settings["stream"]:
+        return stream_reply(job, cid, created)
+    return whole_reply(job, cid, created)
 
 
 def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT,
@@ -392,87 +500,21 @@ def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_
     contexts = {w.engine.model.max_positions for w in workers}
     info = {"model": model_name, "source": None, "tag": None, "step": None, "examples": [], **(info or {})}
     state = types.SimpleNamespace(pool=Pool(workers, max_queue, queue_timeout), model_name=model_name, completion=completion,
-                                  context=min(contexts), log_conversations=log_conversations, info=info, created=int(time.time()))
+                                  context=min(contexts), log_conversations=log_conversations, info=info, created=int(time.time()),
+                                  page=PAGE.read_text(encoding="utf-8"))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["speedchat"] = state
-    page = PAGE.read_text(encoding="utf-8")
-
-    @app.before_request
-    def start_clock():
-        g.t0 = time.perf_counter()
-
-    @app.after_request
-    def log_plain_request(resp):  # a request that generated logs itself when its Job closes
-        if not g.get("job"):
-            log_request({"path": request.path, "status": resp.status_code,
-                         "latency_s": round(time.perf_counter() - g.get("t0", time.perf_counter()), 4),
-                         **({"error": g.error} if g.get("error") else {})})
-        return resp
-
-    @app.errorhandler(BadRequest)
-    def bad_request(e):
-        g.error = str(e)
-        return error_response(e.status, str(e), e.field)
-
-    @app.errorhandler(HTTPException)
-    def http_error(e):
-        g.error = e.name
-        return error_response(e.code, f"{e.name}: {e.description}", "body" if e.code == 413 else None)
-
-    @app.get("/")
-    def index():
-        return Response(page, mimetype="text/html")
-
-    @app.get("/health")
-    def health():
-        return {"status": "ok", "model": state.model_name, **state.pool.stats()}
-
-    @app.get("/info")
-    def model_info():
-        return state.info
-
-    @app.get("/v1/models")
-    def models():
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "speedchat"}]}
-
-    @app.post("/chat/completions")
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        body = parse_body()
-        turns, settings = parse_messages(body), parse_settings(body)
-        prompt = prompt_tokens(state.pool.workers[0].engine.tokenizer, turns, state.completion, state.context)
-        worker = state.pool.acquire()
-        if worker is None:
-            g.error = "all workers busy"
-            return error_response(503, "all workers are busy; retry later", headers={"Retry-After": str(RETRY_AFTER)})
-        g.job = True
-        # waitress keeps reading the connection while we generate and says when the client hung up (the
-        # development server cannot: there a non-streaming request runs to its end)
-        gone = request.environ.get("waitress.client_disconnected", lambda: False)
-        job = Job(state, worker, request.path, prompt, turns, settings, g.t0, gone)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if settings["stream"]:
-            resp = Response(openai_events(job, cid, created, state.model_name), mimetype="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            resp.call_on_close(job.close)  # frees the worker even if the body was never read
-            return resp
-        try:
-            for _ in job.pieces():
-                pass
-        except Exception as e:
-            job.finish = "error"
-            log.exception("generation failed")
-            return error_response(500, f"{type(e).__name__}: {e}")
-        finally:
-            job.close()
-        return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.content},
-                             "logprobs": None, "finish_reason": job.finish}],
-                "usage": job.usage()}
-
+    app.before_request(start_clock)
+    app.after_request(log_plain_request)
+    app.register_error_handler(BadRequest, bad_request)
+    app.register_error_handler(HTTPException, http_error)
+    app.get("/")(index)
+    app.get("/health")(health)
+    app.get("/info")(model_info)
+    app.get("/v1/models")(models)
+    app.post("/v1/chat/completions")(chat_completions)
+    app.post("/chat/completions")(chat_completions)  # for clients that leave out /v1
     return app
 
 

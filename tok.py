@@ -8,8 +8,12 @@ tok.py: everything that turns text into tokens.
 Text sources (one iterator for every consumer), a byte-level BPE trainer vectorized with numpy
 (splitting, counting and merging), and the Tokenizer: tiktoken does the encoding, we own the
 vocabulary, the special tokens and the chat rendering.
+
+Reads top to bottom: constants, the artifacts folder (what every stage shares: $SPEEDCHAT_HOME, atomic
+writes, report sections), downloads, text sources, the BPE trainer, the Tokenizer, evaluation, the toy
+world (the offline data every stage can learn from), the command line.
 """
-import argparse, collections, fcntl, gzip, hashlib, heapq, itertools, json, os, random, sys, time, unicodedata, zlib
+import argparse, collections, fcntl, gzip, hashlib, heapq, io, itertools, json, os, random, sys, time, unicodedata, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,9 +41,34 @@ LOCAL_UNIT_DOCS = 1024  # jsonl lines / txt files per unit
 LOCAL_VAL_EVERY = 100   # local data: document j of each unit is validation iff j % 100 == 0
 
 
+# ----------------------------------------------------------------------------- the artifacts folder
+# Shared by every stage (this file is the one they all import): where runs write, how a file is written
+# so that a reader never sees half of it, and the report card's sections (evals.py assembles them).
+
 def home() -> Path:
     """$SPEEDCHAT_HOME, the one folder every run writes to."""
     return Path(os.environ.get("SPEEDCHAT_HOME", "~/.cache/speedchat")).expanduser()
+
+
+def atomic_write(path, data):
+    """Write str or bytes to path whole or not at all: a .tmp beside it, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data)
+    os.replace(tmp, path)
+
+
+def write_section(name: str, data: dict, merge: bool = True):
+    """One stage's section of the report card, report/<name>.json: merged into what is there (several
+    commands fill one section), or replacing it (merge=False: a new model, whose old scores no longer apply)."""
+    path, old = home() / "report" / f"{name}.json", {}
+    if merge and path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:  # a torn file: the new data alone
+            pass
+    atomic_write(path, json.dumps({**old, **data}, indent=1))
 
 
 class DataError(Exception):
@@ -85,11 +114,9 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
             have = tmp.stat().st_size if tmp.exists() else 0
             headers = {"Range": f"bytes={have}-"} if have else {}
             with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
-                if r.status_code == 416:  # our .tmp is already the whole file
-                    pass
-                elif 400 <= r.status_code < 500 and r.status_code not in (408, 429):  # no such file, no access: final
+                if 400 <= r.status_code < 500 and r.status_code not in (408, 416, 429):  # no such file, no access: final
                     raise DataError(f"HTTP {r.status_code} {r.reason}")
-                else:
+                if r.status_code != 416:  # 416: our .tmp is already the whole file
                     r.raise_for_status()
                     mode = "ab" if have and r.status_code == 206 else "wb"  # server ignored Range: start over
                     with open(tmp, mode) as f:
@@ -98,11 +125,10 @@ def fetch(url: str, path: Path, attempts: int = 6, backoff: float = 1.0, timeout
             verify(tmp)
             os.replace(tmp, path)
             return path
-        except DataError as e:  # a whole, readable file of the wrong format or schema: no retry mends that
+        except DataError as e:  # a 4xx, or a whole file of the wrong format or schema: no retry mends that
             tmp.unlink(missing_ok=True)
             raise DataError(f"{url}: {e}") from None
         except Exception as e:
-            import requests
             if not isinstance(e, requests.RequestException):  # the body arrived but is not a parquet file
                 tmp.unlink(missing_ok=True)                   # start over; a cut connection resumes instead
             if attempt == attempts - 1:
@@ -151,7 +177,7 @@ def download(n: int, dataset: str = "climbmix", workers: int = 4, base_url: str 
 def _local_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     files = [f for f in files if f.name.endswith(LOCAL_SUFFIXES)]
     if not files:
         raise DataError(f"--data {path}: no {'/'.join(LOCAL_SUFFIXES)} files")
@@ -296,17 +322,656 @@ def iter_batches(data: str = "climbmix", split: str = "train", rank: int = 0, wo
 def iter_documents(data: str, split: str = "train", max_chars: int | None = None, doc_cap: int | None = None,
                    skip_bad: bool = False):
     """Documents of a source, each cut to doc_cap characters, until max_chars have been yielded."""
+    return capped((d for _, docs in iter_batches(data, split, skip_bad=skip_bad) for d in docs), max_chars, doc_cap)
+
+
+def capped(docs, max_chars: int | None = None, doc_cap: int | None = None):
+    """docs, each cut to doc_cap characters, until max_chars have been yielded (empty ones dropped)."""
     seen = 0
-    for _, docs in iter_batches(data, split, skip_bad=skip_bad):
+    for d in docs:
+        d = d[:doc_cap] if doc_cap else d
+        if max_chars is not None and seen + len(d) > max_chars:
+            d = d[:max_chars - seen]
+        if d:
+            yield d
+            seen += len(d)
+        if max_chars is not None and seen >= max_chars:
+            return
+
+
+# ----------------------------------------------------------------------------- splitting, vectorized
+# SPLIT_PATTERN, evaluated over a whole window of text at once with numpy instead of a regex engine
+# (faster: bench/tok_bench.py, BENCHMARKS.md). Each character gets a class; a chunk starts where the pattern's leftmost-first
+# alternatives would start one, which depends only on the classes nearby and the runs they form:
+#   letters  [one non-letter]?letters+    the one char attaches if it starts a chunk: the last space of a
+#                                         whitespace run, or a lone punctuation char not after a space
+#   digits   1-2 at a time from the start of the run
+#   punct    ' '?punct+ newlines*         a space before it attaches; newlines right after it attach
+#   space    ws* newline | ws+ (?!\S)     up to the last newline; then all but the last space (which
+#                                         attaches to the next chunk), or all of it at the end of a text
+#   "'s 'd 'm 't 'll 've 're"             a lone apostrophe that starts a chunk takes these letters only
+# tests/test_tok.py checks the result against the `regex` module on random and real text.
+P_, L_, N_, W_, NL_, X_ = 0, 1, 2, 3, 4, 5  # punctuation/other, letter, number, space, \r\n, end of text
+SENTINEL = 0x110000                         # not a code point: marks the end of each document
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_TABLES = {}
+
+
+def _tables():
+    """Class of every code point, and the lowercase letter a contraction may use ('ſ' folds to 's')."""
+    if not _TABLES:
+        cls = np.zeros(SENTINEL + 1, np.uint8)
+        cat = [unicodedata.category(chr(c))[0] for c in range(SENTINEL)]
+        cat = np.frombuffer("".join(cat).encode("ascii"), np.uint8)
+        cls[:SENTINEL][cat == ord("L")] = L_
+        cls[:SENTINEL][cat == ord("N")] = N_
+        cls[[ord(c) for c in WHITE_SPACE]] = W_
+        cls[[10, 13]] = NL_
+        cls[SENTINEL] = X_
+        low = np.zeros(SENTINEL + 1, np.uint8)
+        for c in "sdmtlvre":
+            low[[ord(c), ord(c.upper())]] = ord(c)
+        low[0x17F] = ord("s")
+        _TABLES.update(cls=cls, low=low)
+    return _TABLES["cls"], _TABLES["low"]
+
+
+def _codepoints(docs: list[str]) -> np.ndarray:
+    """All documents as one uint32 array of code points, each document followed by SENTINEL."""
+    cp = np.frombuffer("\0".join(docs).encode("utf-32-le", "surrogatepass") + b"\0\0\0\0", np.uint32).copy()
+    lens = np.fromiter((len(d) for d in docs), np.int64, len(docs))
+    cp[np.cumsum(lens + 1) - 1] = SENTINEL
+    return cp
+
+
+def _prev(a, fill=False):
+    out = np.empty_like(a)
+    out[0], out[1:] = fill, a[:-1]
+    return out
+
+
+def _next(a, fill=False):
+    out = np.empty_like(a)
+    out[-1], out[:-1] = fill, a[1:]
+    return out
+
+
+def chunk_starts(cp: np.ndarray) -> np.ndarray:
+    """Boolean array: True where a chunk of SPLIT_PATTERN starts. cp ends with SENTINEL (each one is a
+    chunk of its own). Dense work is a few boolean passes; runs of digits and newlines are sparse."""
+    cls_table, low_table = _tables()
+    k = cls_table[cp]
+    isL, isN, isP, isW, isNL, isX = (k == c for c in (L_, N_, P_, W_, NL_, X_))
+    isWS = isW | isNL
+    S = isX.copy()
+    # punctuation: a run starts a chunk unless a space right before it takes it (' ?[^\s\p{L}\p{N}]++')
+    pP, p_space = _prev(isP), _prev(cp == 32)
+    S |= isP & ~pP & ~p_space
+    # letters: the char before a run attaches if it starts a chunk: a lone punct char or a run's last space
+    lone_p = pP & ~_prev(pP) & ~_prev(p_space)
+    l_run = isL & ~_prev(isL)
+    S |= l_run & ~(_prev(isW) | lone_p)
+    # contractions: a lone apostrophe starting a chunk, then s|d|m|t or ll|ve|re, case-insensitively
+    c = np.flatnonzero(l_run & lone_p)
+    c = c[cp[c - 1] == 39]
+    lo, lo2 = low_table[cp[c]], low_table[cp[c + 1]]
+    one = (lo == ord("s")) | (lo == ord("d")) | (lo == ord("m")) | (lo == ord("t"))
+    two = ((lo == ord("l")) & (lo2 == ord("l"))) | ((lo == ord("v")) & (lo2 == ord("e"))) | ((lo == ord("r")) & (lo2 == ord("e")))
+    after = (c + np.where(one, 1, 2))[one | two]
+    S[after[isL[after]]] = True
+    # digits: two at a time from the start of the run
+    n0, n1 = np.flatnonzero(isN & ~_prev(isN)), np.flatnonzero(isN & ~_next(isN)) + 1
+    extra = (n1 - n0 - 1) // 2
+    first = np.repeat(np.cumsum(extra) - extra, extra)
+    S[n0] = True
+    S[np.repeat(n0, extra) + 2 * (np.arange(len(first)) - first + 1)] = True
+    # whitespace: a run starts a chunk, but newlines right after punctuation belong to it; after the
+    # run's last newline a chunk starts; the last space starts one too unless the text ends there
+    S |= isWS & ~_prev(isWS)
+    r0, r1 = np.flatnonzero(isNL & ~_prev(isNL)), np.flatnonzero(isNL & ~_next(isNL)) + 1
+    absorbed = k[r0 - 1] == P_
+    S[r0[absorbed]] = False
+    S[r1[absorbed][isW[r1[absorbed]]]] = True
+    w = r1[isW[r1]]                                        # a space right after newlines ...
+    ws_end = np.flatnonzero(isWS & ~_next(isWS)) + 1
+    more_nl = np.append(r0, len(k))[np.searchsorted(r0, w)] < ws_end[np.searchsorted(ws_end, w, side="right")]
+    S[w[~more_nl]] = True                                  # ... with no newline later in its run
+    S |= isW & ~_next(isWS) & ~_next(isX)
+    return S
+
+
+def split(text: str) -> list[str]:
+    """SPLIT_PATTERN applied to one text (the vectorized way); used by tests and for small inputs."""
+    cp = _codepoints([text])
+    b = np.flatnonzero(chunk_starts(cp))
+    return [text[s:e] for s, e in zip(b[:-1].tolist(), b[1:].tolist())]
+
+
+# ----------------------------------------------------------------------------- counting chunks
+# A chunk of at most 7 code points below 256 (most of them) is its own exact 64-bit key: the length
+# in the top byte, the code points below. Longer or non-Latin-1 chunks get a polynomial hash with the
+# top bit set (collisions at 64 bits are vanishingly rare) and carry their code points along.
+# Counting is then sorting uint64 keys, windows of text run in parallel processes.
+WINDOW_CHARS = 2_000_000  # per worker task: small windows sort in cache and balance the workers
+FOLD_PARTS = 32  # fold the per-window counts into one after this many: bounds memory on long streams
+HASH_BASE = np.uint64(0x100000001B3)
+_LEN_MASK = np.array([(1 << 8 * i) - 1 for i in range(8)], np.uint64)  # low bytes of a key (little-endian)
+
+
+def _runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Concatenation of the index ranges [s, s + l)."""
+    first = np.cumsum(lens) - lens
+    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
+
+
+def _reduce_sorted(keys: np.ndarray, counts: np.ndarray):
+    """Sum counts over equal keys; keys must be sorted. Returns (unique keys, counts, first index)."""
+    first = np.flatnonzero(np.concatenate([[len(keys) > 0], keys[1:] != keys[:-1]]))
+    return keys[first], np.add.reduceat(counts, first), first
+
+
+def _count_window(docs: list[str]):
+    """Unique chunks of a window of documents: (short keys, counts, long hashes, counts, cps, lens)."""
+    cp = _codepoints(docs)
+    st = np.flatnonzero(chunk_starts(cp))
+    ln = np.diff(np.append(st, len(cp)))
+    wide = np.logical_or.reduceat(cp >= 256, st)  # before dropping the SENTINEL chunks that delimit them
+    keep = cp[st] != SENTINEL
+    st, ln, wide = st[keep], ln[keep], wide[keep]
+    short = (ln <= 7) & ~wide
+    s_st, s_ln = st[short], ln[short]
+    c8 = np.zeros(len(cp) + 8, np.uint8)
+    c8[:len(cp)] = cp  # wraps for wide code points, which short chunks don't have
+    eight = np.lib.stride_tricks.as_strided(c8, (len(cp), 8), (1, 1))  # row i: bytes i..i+7
+    key = eight[s_st].view(np.uint64).ravel() & _LEN_MASK[s_ln] | s_ln.astype(np.uint64) << np.uint64(56)
+    key.sort()
+    sk, sc, _ = _reduce_sorted(key, np.ones(len(key), np.int64))
+    l_st, l_ln = st[~short], ln[~short]
+    flat = cp[_runs(l_st, l_ln)]
+    h = _poly_hash(flat, l_ln)
+    order = np.argsort(h, kind="stable")
+    lk, lc, first = _reduce_sorted(h[order], np.ones(len(h), np.int64))
+    rep = order[first]
+    return sk, sc, lk, lc, cp[_runs(l_st[rep], l_ln[rep])], l_ln[rep]
+
+
+_POWERS = {}
+
+
+def _powers(n: int):
+    """HASH_BASE^i and its modular inverse^i for i < n (uint64, wrapping), cached and grown by doubling."""
+    if _POWERS.get("n", 0) < n:
+        m = max(n, 2 * _POWERS.get("n", 1 << 20))
+        with np.errstate(over="ignore"):
+            inv = np.uint64(pow(int(HASH_BASE), -1, 1 << 64))
+            pw, ipw = np.ones(m, np.uint64), np.ones(m, np.uint64)
+            pw[1:] = np.cumprod(np.full(m - 1, HASH_BASE, np.uint64))
+            ipw[1:] = np.cumprod(np.full(m - 1, inv, np.uint64))
+        _POWERS.update(n=m, pw=pw, ipw=ipw)
+    return _POWERS["pw"], _POWERS["ipw"]
+
+
+def _poly_hash(flat: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """64-bit polynomial hash of each segment of flat (sum x_i B^i, i from the segment start) mixed
+    with its length, top bit set. uint64 arithmetic wraps, which is the mod 2^64 we want."""
+    n = len(flat)
+    pw, ipw = _powers(n + 1)
+    with np.errstate(over="ignore"):
+        h = np.zeros(n + 1, np.uint64)
+        np.cumsum(flat.astype(np.uint64) * pw[:n], out=h[1:])
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        seg = (h[ends] - h[starts]) * ipw[starts]
+        return (seg ^ lens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1 << 63)
+
+
+def _merge_counts(parts):
+    """Merge per-window results (each sorted by key) into one: timsort sees the sorted runs."""
+    sk = np.concatenate([p[0] for p in parts]); sc = np.concatenate([p[1] for p in parts])
+    o = np.argsort(sk, kind="stable")
+    sk, sc, _ = _reduce_sorted(sk[o], sc[o])
+    lk = np.concatenate([p[2] for p in parts]); lc = np.concatenate([p[3] for p in parts])
+    lens = np.concatenate([p[5] for p in parts])
+    offs = np.cumsum(lens) - lens
+    o = np.argsort(lk, kind="stable")
+    lk, lc, first = _reduce_sorted(lk[o], lc[o])
+    rep = o[first]
+    flat = np.concatenate([p[4] for p in parts])[_runs(offs[rep], lens[rep])]
+    return sk, sc, lk, lc, flat, lens[rep]
+
+
+def _utf8(cp: np.ndarray, lens: np.ndarray):
+    """Vectorized UTF-8 encoding of segments of code points: (bytes as uint8, byte length per segment)."""
+    cp = cp.astype(np.uint32)
+    nb = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
+    end = np.cumsum(nb)
+    out = np.empty(int(end[-1]) if len(end) else 0, np.uint8)
+    start = end - nb
+    lead = np.select([nb == 1, nb == 2, nb == 3], [cp, 0xC0 | (cp >> 6), 0xE0 | (cp >> 12)], 0xF0 | (cp >> 18))
+    out[start] = lead
+    for j in (1, 2, 3):  # continuation byte j of a character of nb bytes carries bits 6 * (nb - 1 - j)
+        m = nb > j
+        out[start[m] + j] = 0x80 | ((cp[m] >> (6 * (nb[m] - 1 - j))) & 0x3F)
+    seg = np.repeat(np.arange(len(lens)), lens)
+    return out, np.bincount(seg, weights=nb, minlength=len(lens)).astype(np.int64)
+
+
+def count_chunks(docs, workers: int | None = None):
+    """Split documents with SPLIT_PATTERN and count unique chunks, streaming in windows of text.
+    Returns (UTF-8 bytes of all unique chunks concatenated, byte length of each, count of each)."""
+    import multiprocessing as mp
+    workers = workers or min(os.cpu_count() or 1, 8)
+
+    def windows():
+        buf, size = [], 0
         for d in docs:
-            d = d[:doc_cap] if doc_cap else d
-            if max_chars is not None and seen + len(d) > max_chars:
-                d = d[:max_chars - seen]
-            if d:
-                yield d
-                seen += len(d)
-            if max_chars is not None and seen >= max_chars:
-                return
+            buf.append(d)
+            size += len(d)
+            if size >= WINDOW_CHARS:
+                yield buf
+                buf, size = [], 0
+        if buf:
+            yield buf
+
+    _tables()  # built once, inherited by the forked workers
+    parts = []
+    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_count_window, windows()) if pool else map(_count_window, windows())
+        for part in results:
+            parts.append(part)
+            if len(parts) == FOLD_PARTS:
+                parts = [_merge_counts(parts)]
+    finally:
+        if pool:
+            pool.terminate()
+    if not parts:
+        return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    sk, sc, lk, lc, lflat, llens = _merge_counts(parts)
+    s_ln = (sk >> np.uint64(56)).astype(np.int64)
+    s_cp = ((sk[np.repeat(np.arange(len(sk)), s_ln)] >> (np.uint64(8) * _runs(np.zeros(len(sk), np.int64), s_ln).astype(np.uint64))) & np.uint64(255))
+    cps = np.concatenate([s_cp.astype(np.uint32), lflat.astype(np.uint32)])
+    lens = np.concatenate([s_ln, llens])
+    data, blens = _utf8(cps, lens)
+    return data, blens, np.concatenate([sc, lc])
+
+
+# ----------------------------------------------------------------------------- BPE merges
+# All unique chunks live in one flat array of token ids, a doubly linked list per chunk (nxt/prv,
+# -1 at the ends), so a merge rewrites in place. Pair counts are a dict {left * K + right: count}
+# with a lazy max-heap; where each pair occurs is an append-only index {key: [position arrays]}
+# whose stale entries are filtered when read. Per-key bookkeeping uses C-level map/dict calls.
+# Merges go in batches: the next heap tops that cannot interact are applied by one set of numpy
+# calls over all their occurrences and neighbours, never a Python loop over occurrences, and only
+# when applying them together provably equals applying them one by one (step 1 below).
+# Ties: the highest count wins, then the smallest (left id, right id). A pair whose bytes already
+# are a token is never merged: tokens are distinct byte strings, as tiktoken requires.
+HEAP_SHIFT = 1 << 40  # heap item = -count * HEAP_SHIFT + key: the smallest item is the next merge
+NEVER = -(1 << 60)    # the count of a pair that must never merge: no increment makes it positive
+MAX_BATCH = 256
+
+
+def _slices(a: np.ndarray, first: np.ndarray):
+    """a cut at the indices in first (first[0] == 0), lazily and without a Python-level loop."""
+    return map(a.__getitem__, map(slice, first.tolist(), first[1:].tolist() + [len(a)]))
+
+
+def _pair_table(data, lens, counts, K64):
+    """The chunks as one linked list of tokens (tok, next, prev; -1 ends a chunk) with each position's
+    weight (its chunk's count), and every adjacent pair's count, positions and heap entry."""
+    keep = lens > 1                                      # one-byte chunks have no pairs
+    tok = data[_runs((np.cumsum(lens) - lens)[keep], lens[keep])].astype(np.int32)
+    lens, counts = lens[keep], counts[keep]
+    n = len(tok)
+    w = np.repeat(counts, lens).astype(np.int64)         # the weight of a position: its chunk's count
+    ends = np.cumsum(lens)
+    nxt = np.arange(1, n + 1, dtype=np.int32)
+    nxt[ends - 1] = -1
+    prv = np.arange(-1, n - 1, dtype=np.int32)
+    prv[ends - lens] = -1
+    left = np.flatnonzero(nxt >= 0)
+    keys = tok[left] * K64 + tok[left + 1]
+    o = np.argsort(keys, kind="stable")
+    keys, left = keys[o], left[o]
+    first = np.flatnonzero(np.concatenate([[len(keys) > 0], keys[1:] != keys[:-1]]))
+    uk = keys[first].tolist()
+    count = dict(zip(uk, np.add.reduceat(w[left], first).tolist())) if uk else {}
+    index = collections.defaultdict(list)
+    index.update(zip(uk, map(lambda a: [a], _slices(left, first))))
+    heap = [-c * HEAP_SHIFT + k for k, c in count.items()]
+    heapq.heapify(heap)
+    return tok, w, nxt, prv, count, index, heap
+
+
+def _pop_candidates(heap, count, index, vocab, known, K, room) -> list:
+    """The merges of one batch, [(key, left, right, count)]: the valid heap tops in order, up to the first
+    that could touch a position of an earlier one (its left token is an earlier right token or vice
+    versa), at most `room`. Merging them at once equals merging them one by one: a pair that merge j
+    creates, (x', new_j) or (new_j, y'), counts at most as much as the pair it came from, (x, a_j) or
+    (b_j, y), and has a larger key; that pair ranks below every later candidate, or it would have been
+    popped before them and ended the batch."""
+    cand, lefts, rights, pending = [], set(), set(), set()
+    while heap and len(cand) < min(MAX_BATCH, room):
+        item = heapq.heappop(heap)
+        key = item % HEAP_SHIFT
+        c_now = count.get(key, 0)
+        if c_now != -(item // HEAP_SHIFT):           # stale: re-push with the count now
+            if c_now > 0:
+                heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
+            continue
+        a, b = divmod(key, K)
+        new_bytes = vocab[a] + vocab[b]
+        if not cand and new_bytes in known:
+            count[key] = NEVER
+            index.pop(key, None)
+            continue
+        if a in rights or b in lefts or (cand and a == b) or new_bytes in known or new_bytes in pending:
+            heapq.heappush(heap, item)
+            break
+        cand.append((key, a, b, c_now))
+        lefts.add(a)
+        rights.add(b)
+        pending.add(new_bytes)
+        if a == b:
+            break
+    return cand
+
+
+def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges: int, verbose: bool = False):
+    """Learn up to n_merges merges from unique chunks (UTF-8 bytes concatenated, lengths, counts).
+    Returns a list of (left id, right id); the merge i creates token 256 + i."""
+    K = 256 + n_merges                                   # pair key = left * K + right
+    K64 = np.int64(K)                                    # int32 tokens times this make int64 keys
+    tok, w, nxt, prv, count, index, heap = _pair_table(data, lens, counts, K64)
+    vocab = [bytes([i]) for i in range(256)]
+    known = set(vocab)
+    merges = []
+    t0 = time.time()
+    while len(merges) < n_merges and heap:
+        cand = _pop_candidates(heap, count, index, vocab, known, K, n_merges - len(merges))
+        if not cand:
+            break
+        # 2. their live occurrences, j = which candidate
+        arrs = [np.concatenate(index[x[0]]) for x in cand]
+        p = np.concatenate(arrs)
+        j = np.repeat(np.arange(len(cand)), [len(x) for x in arrs])
+        q = nxt[p]
+        live = (tok[p] == np.array([x[1] for x in cand])[j]) & (q >= 0) & (tok[q] == np.array([x[2] for x in cand])[j])
+        p, q, j = p[live], q[live], j[live]
+        if cand[0][1] == cand[0][2] and len(p) > 1:      # runs a a a: merge left to right, every other one
+            o = np.argsort(p)
+            p, q = p[o], q[o]
+            chained = np.concatenate([[False], q[:-1] == p[1:]])
+            run_start = np.maximum.accumulate(np.where(chained, 0, np.arange(len(p))))
+            keep = (np.arange(len(p)) - run_start) % 2 == 0
+            p, q, j = p[keep], q[keep], j[keep]
+        l, r = prv[p], nxt[q]
+        m = len(cand)
+        c0 = len(vocab)
+        for key, a, b, _ in cand:
+            vocab.append(vocab[a] + vocab[b])
+            known.add(vocab[-1])
+            merges.append((a, b))
+            del count[key], index[key]
+        # 3. pairs that disappear start at p's left neighbour and at q (p's own pair is merged away);
+        #    l may be another occurrence's q: dedupe
+        old = np.concatenate([l[l >= 0], q[r >= 0]])
+        old.sort()
+        old = old[np.concatenate([[True], old[1:] != old[:-1]])] if len(old) else old
+        old_keys = tok[old] * K64 + tok[nxt[old]]
+        # 4. rewrite: p becomes its new token, q leaves the list
+        tok[p] = c0 + j
+        tok[q] = -1
+        nxt[p] = r
+        has_r = r >= 0
+        prv[r[has_r]] = p[has_r]
+        # 5. pairs that appear start at p's new left neighbour (unless it was merged too) and at p
+        l = prv[p]
+        new = np.concatenate([l[(l >= 0) & (tok[np.maximum(l, 0)] < c0)], p[has_r]])
+        new_keys = tok[new] * K64 + tok[nxt[new]]
+        # 6. count deltas, applied with C-level dict calls; pairs that grew go on the heap
+        dk = np.concatenate([old_keys, new_keys])
+        o = np.argsort(dk, kind="stable")
+        dk = dk[o]
+        first = np.flatnonzero(np.concatenate([[True], dk[1:] != dk[:-1]])) if len(dk) else np.zeros(0, np.int64)
+        uk = dk[first].tolist()
+        ud = np.add.reduceat(np.concatenate([-w[old], w[new]])[o], first) if len(first) else np.zeros(0, np.int64)
+        uv = np.fromiter(map(count.get, uk, itertools.repeat(0)), np.int64, len(uk)) + ud
+        count.update(zip(uk, uv.tolist()))
+        up = np.flatnonzero((ud > 0) & (uv > 0)).tolist()
+        uvl = uv.tolist()
+        list(map(heapq.heappush, itertools.repeat(heap, len(up)), [-uvl[i] * HEAP_SHIFT + uk[i] for i in up]))
+        # 7. index the new pairs' positions (stale ones, e.g. of never-merge pairs, are harmless)
+        is_new = o >= len(old)
+        nk = dk[is_new]
+        if len(nk):
+            nfirst = np.flatnonzero(np.concatenate([[True], nk[1:] != nk[:-1]]))
+            list(map(list.append, map(index.__getitem__, nk[nfirst].tolist()), _slices(new[o[is_new] - len(old)], nfirst)))
+        if verbose and len(merges) // 1000 != (len(merges) - m) // 1000:
+            print(f"\rmerge {len(merges)}/{n_merges} ({time.time() - t0:.1f}s)", end="", flush=True)
+    if verbose:
+        print()
+    return merges
+
+
+def train_merges(docs, vocab_size: int, workers: int | None = None, verbose: bool = False):
+    """Count the chunks of docs and learn vocab_size - 256 - len(SPECIAL_TOKENS) merges."""
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    if n_merges < 0:
+        raise DataError(f"--vocab-size {vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    t0 = time.time()
+    data, lens, counts = count_chunks(docs, workers)
+    if not len(lens):
+        raise NoDocuments("empty corpus: no text to train the tokenizer on")
+    if verbose:
+        print(f"counted {int(counts.sum()):,} chunks, {len(lens):,} unique, in {time.time() - t0:.1f}s")
+    merges = bpe_merges(data, lens, counts, n_merges, verbose=verbose)
+    if len(merges) < n_merges:
+        print(f"note: the corpus ran out of pairs after {len(merges)} merges: vocab size {256 + len(merges) + len(SPECIAL_TOKENS)}")
+    return merges
+
+
+# ----------------------------------------------------------------------------- the Tokenizer
+
+class Tokenizer:
+    """Byte-level BPE: our merges, encoded by tiktoken. Special tokens take the last ids."""
+
+    def __init__(self, merges: list, pattern: str = SPLIT_PATTERN):
+        import tiktoken
+        self.merges = [tuple(m) for m in merges]
+        self.pattern = pattern
+        vocab = [bytes([i]) for i in range(256)]
+        for a, b in self.merges:
+            vocab.append(vocab[a] + vocab[b])
+        self.vocab = vocab
+        n = len(vocab)
+        if len(set(vocab)) != n:
+            raise DataError("damaged tokenizer: two merges make the same bytes")
+        self.specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name=f"speedchat{n}", pat_str=pattern,
+                                     mergeable_ranks={t: i for i, t in enumerate(vocab)}, special_tokens=self.specials)
+        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self.bos_id = self.specials["<|bos|>"]
+        self.token_bytes = np.array([len(t) for t in vocab] + [0] * len(SPECIAL_TOKENS), np.int32)
+        blob = json.dumps(self._state(), separators=(",", ":")).encode()
+        self.hash = hashlib.sha256(blob).hexdigest()[:16]
+
+    def _state(self):
+        return {"format": "speedchat-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
+                "special_tokens": SPECIAL_TOKENS, "merges": [list(m) for m in self.merges]}
+
+    # --- encode / decode
+    def special(self, name: str) -> int:
+        if name not in self.specials:
+            raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
+        return self.specials[name]
+
+    def encode(self, text, prepend=None, num_threads: int = 8):
+        """Plain text to ids (a string that spells a special token stays plain text). text may be a
+        list (encoded on num_threads threads); prepend is a token id or a special token's name."""
+        pre = [] if prepend is None else [self.special(prepend) if isinstance(prepend, str) else int(prepend)]
+        if isinstance(text, str):
+            return pre + self.enc.encode_ordinary(text)
+        return [pre + ids for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
+
+    def encode_array(self, text: str, prepend=None) -> np.ndarray:
+        """encode() of one text as an int32 array, for the training loader: tiktoken fills a buffer
+        with the GIL released and no Python int is made, so a loader thread barely slows the one
+        that drives the GPU."""
+        ids = self.enc.encode_to_numpy(text, disallowed_special=())  # nothing allowed: specials are plain text
+        out = np.empty(len(ids) + (prepend is not None), dtype=np.int32)
+        if prepend is not None:
+            out[0] = self.special(prepend) if isinstance(prepend, str) else int(prepend)
+        out[len(out) - len(ids):] = ids
+        return out
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def id_to_bytes(self, i: int) -> bytes:
+        return self.vocab[i] if i < len(self.vocab) else SPECIAL_TOKENS[i - len(self.vocab)].encode()
+
+    # --- chat rendering
+    def render_conversation(self, messages: list, max_tokens: int = 2048):
+        """ids and a mask that is 1 exactly on tokens the assistant must learn to produce: its text, its
+        python calls with their delimiters, and <|assistant_end|>. 0 on <|bos|>, user turns,
+        <|assistant_start|> and tool outputs. A system message is merged into the first user turn."""
+        ids, mask = [self.bos_id], [0]
+
+        def add(toks, m):
+            ids.extend(toks)
+            mask.extend([m] * len(toks))
+
+        S = self.specials
+        for i, msg in enumerate(_check_conversation(messages)):
+            if msg["role"] == "user":
+                add([S["<|user_start|>"]] + self.encode(msg["content"]) + [S["<|user_end|>"]], 0)
+                continue
+            add([S["<|assistant_start|>"]], 0)
+            content = msg["content"]
+            for part in ([{"type": "text", "text": content}] if isinstance(content, str) else content):
+                if part["type"] == "text":
+                    add(self.encode(part["text"]), 1)
+                elif part["type"] == "python":
+                    add([S["<|python_start|>"]] + self.encode(part["text"]) + [S["<|python_end|>"]], 1)
+                else:  # python_output: the tool's words, forced at inference, never learned
+                    add([S["<|output_start|>"]] + self.encode(part["text"]) + [S["<|output_end|>"]], 0)
+            add([S["<|assistant_end|>"]], 1)
+        return ids[:max_tokens], mask[:max_tokens]
+
+    def render_for_completion(self, messages: list) -> list:
+        """Prompt ids ending with <|assistant_start|>. A final assistant message (e.g. a task's
+        reference answer) is left out, so a conversation can be used as its own prompt."""
+        messages = list(messages)
+        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("render_for_completion: the conversation must end with a user message")
+        ids, _ = self.render_conversation(messages, max_tokens=1 << 62)
+        return ids + [self.specials["<|assistant_start|>"]]
+
+    # --- files
+    def save(self, folder):
+        """tokenizer.json (self-describing) and token_bytes.npy, each written to a temp file and renamed."""
+        folder = Path(folder)
+        buf = io.BytesIO()
+        np.save(buf, self.token_bytes)
+        atomic_write(folder / TOKENIZER_FILE, json.dumps(self._state()))
+        atomic_write(folder / TOKEN_BYTES_FILE, buf.getvalue())
+        return folder
+
+    @classmethod
+    def load(cls, folder):
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.exists():
+            raise DataError(f"no tokenizer at {path}; train one: python tok.py train")
+        try:
+            state = json.loads(path.read_text())
+            if state.get("format") != "speedchat-bpe" or state.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format {state.get('format')!r} version {state.get('version')!r}")
+            if state["special_tokens"] != SPECIAL_TOKENS:
+                raise ValueError("special tokens differ from this tok.py")
+            return cls(state["merges"], state["pattern"])
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"damaged tokenizer file {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_conversation(messages):
+    """Validate roles and parts; merge a leading system message into the first user turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("conversation: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
+            raise ValueError(f"message {i}: expected {{'role': system|user|assistant, 'content': ...}}, got {str(m)[:80]}")
+        c = m["content"]
+        if isinstance(c, list):
+            if m["role"] != "assistant":
+                raise ValueError(f"message {i}: only assistant content may be a list of parts")
+            for j, part in enumerate(c):
+                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output") or not isinstance(part.get("text"), str):
+                    raise ValueError(f"message {i} part {j}: expected {{'type': text|python|python_output, 'text': str}}, got {str(part)[:80]}")
+        elif not isinstance(c, str):
+            raise ValueError(f"message {i}: content must be a string or a list of parts")
+    if messages[0]["role"] == "system":
+        if len(messages) < 2 or messages[1]["role"] != "user":
+            raise ValueError("message 1: a system message must be followed by a user message")
+        messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}] + messages[2:]
+    for i, m in enumerate(messages):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise ValueError(f"message {i}: expected role {want} (turns alternate user, assistant, ...), got {m['role']}")
+    return messages
+
+
+def train_tokenizer(texts, vocab_size: int = 32768, doc_cap: int | None = 10000, max_chars: int | None = None,
+                    workers: int | None = None, verbose: bool = False) -> Tokenizer:
+    """A Tokenizer trained on documents in memory, as `tok.py train` trains one on a --data source."""
+    return Tokenizer(train_merges(capped(texts, max_chars, doc_cap), vocab_size, workers, verbose))
+
+
+def get_tokenizer(path=None) -> Tokenizer:
+    return Tokenizer.load(path or home() / "tokenizer")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def bytes_per_token(encode, texts) -> float:
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return n_bytes / max(1, sum(len(ids) for ids in encode(texts)))
+
+
+def sources_at_hand() -> list[str]:
+    """Named datasets with a validation shard on disk (and the toy world once it exists)."""
+    have = [d for d, (_, total) in DATASETS.items() if _shard_ok(shard_path(d, total - 1))]
+    try:
+        next(iter_batches("toy", "val"))
+        have.append("toy")
+    except DataError:
+        pass
+    return have
+
+
+def evaluate(tokenizer: Tokenizer, sources: list[str], max_chars: int = 5_000_000) -> dict:
+    """UTF-8 bytes per token on held-out text of each source: ours, and GPT-2's / GPT-4's when
+    tiktoken can load them (it downloads them once; offline they are skipped with a notice)."""
+    import tiktoken
+    peers = {}
+    for name in ("gpt2", "cl100k_base"):
+        try:
+            peers[name] = tiktoken.get_encoding(name)
+        except Exception as e:
+            print(f"skipping {name}: cannot load it ({type(e).__name__}; offline?)")
+    results = {}
+    for src in sources:
+        texts = list(iter_documents(src, "val", max_chars=max_chars))
+        row = {"ours": bytes_per_token(lambda ts: tokenizer.encode(ts), texts)}
+        for name, enc in peers.items():
+            row[name] = bytes_per_token(lambda ts: enc.encode_ordinary_batch(ts), texts)
+        results[src] = row
+        print(f"{src:>14}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()) + "  (bytes/token, higher is better)")
+    return results
 
 
 # ----------------------------------------------------------------------------- the toy world
@@ -494,651 +1159,6 @@ def _toy_units(seed: int = 0):
         yield lambda u=u: [world.document(u * TOY_UNIT_DOCS + j) for j in range(TOY_UNIT_DOCS)]
 
 
-# ----------------------------------------------------------------------------- splitting, vectorized
-# SPLIT_PATTERN, evaluated over a whole window of text at once with numpy instead of a regex engine
-# (3-10x faster here). Each character gets a class; a chunk starts where the pattern's leftmost-first
-# alternatives would start one, which depends only on the classes nearby and the runs they form:
-#   letters  [one non-letter]?letters+    the one char attaches if it starts a chunk: the last space of a
-#                                         whitespace run, or a lone punctuation char not after a space
-#   digits   1-2 at a time from the start of the run
-#   punct    ' '?punct+ newlines*         a space before it attaches; newlines right after it attach
-#   space    ws* newline | ws+ (?!\S)     up to the last newline; then all but the last space (which
-#                                         attaches to the next chunk), or all of it at the end of a text
-#   "'s 'd 'm 't 'll 've 're"             a lone apostrophe that starts a chunk takes these letters only
-# tests/test_tok.py checks the result against the `regex` module on random and real text.
-P_, L_, N_, W_, NL_, X_ = 0, 1, 2, 3, 4, 5  # punctuation/other, letter, number, space, \r\n, end of text
-SENTINEL = 0x110000                         # not a code point: marks the end of each document
-WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
-_TABLES = {}
-
-
-def _tables():
-    """Class of every code point, and the lowercase letter a contraction may use ('ſ' folds to 's')."""
-    if not _TABLES:
-        cls = np.zeros(SENTINEL + 1, np.uint8)
-        cat = [unicodedata.category(chr(c))[0] for c in range(SENTINEL)]
-        cat = np.frombuffer("".join(cat).encode("ascii"), np.uint8)
-        cls[:SENTINEL][cat == ord("L")] = L_
-        cls[:SENTINEL][cat == ord("N")] = N_
-        cls[[ord(c) for c in WHITE_SPACE]] = W_
-        cls[[10, 13]] = NL_
-        cls[SENTINEL] = X_
-        low = np.zeros(SENTINEL + 1, np.uint8)
-        for c in "sdmtlvre":
-            low[[ord(c), ord(c.upper())]] = ord(c)
-        low[0x17F] = ord("s")
-        _TABLES.update(cls=cls, low=low)
-    return _TABLES["cls"], _TABLES["low"]
-
-
-def _codepoints(docs: list[str]) -> np.ndarray:
-    """All documents as one uint32 array of code points, each document followed by SENTINEL."""
-    cp = np.frombuffer("\0".join(docs).encode("utf-32-le", "surrogatepass") + b"\0\0\0\0", np.uint32).copy()
-    lens = np.fromiter((len(d) for d in docs), np.int64, len(docs))
-    cp[np.cumsum(lens + 1) - 1] = SENTINEL
-    return cp
-
-
-def _prev(a, fill=False):
-    out = np.empty_like(a)
-    out[0], out[1:] = fill, a[:-1]
-    return out
-
-
-def _next(a, fill=False):
-    out = np.empty_like(a)
-    out[-1], out[:-1] = fill, a[1:]
-    return out
-
-
-def chunk_starts(cp: np.ndarray) -> np.ndarray:
-    """Boolean array: True where a chunk of SPLIT_PATTERN starts. cp ends with SENTINEL (each one is a
-    chunk of its own). Dense work is a few boolean passes; runs of digits and newlines are sparse."""
-    cls_table, low_table = _tables()
-    k = cls_table[cp]
-    isL, isN, isP, isW, isNL, isX = (k == c for c in (L_, N_, P_, W_, NL_, X_))
-    isWS = isW | isNL
-    S = isX.copy()
-    # punctuation: a run starts a chunk unless a space right before it takes it (' ?[^\s\p{L}\p{N}]++')
-    pP, p_space = _prev(isP), _prev(cp == 32)
-    S |= isP & ~pP & ~p_space
-    # letters: the char before a run attaches if it starts a chunk: a lone punct char or a run's last space
-    lone_p = pP & ~_prev(pP) & ~_prev(p_space)
-    l_run = isL & ~_prev(isL)
-    S |= l_run & ~(_prev(isW) | lone_p)
-    # contractions: a lone apostrophe starting a chunk, then s|d|m|t or ll|ve|re, case-insensitively
-    c = np.flatnonzero(l_run & lone_p)
-    c = c[cp[c - 1] == 39]
-    lo, lo2 = low_table[cp[c]], low_table[cp[c + 1]]
-    one = (lo == ord("s")) | (lo == ord("d")) | (lo == ord("m")) | (lo == ord("t"))
-    two = ((lo == ord("l")) & (lo2 == ord("l"))) | ((lo == ord("v")) & (lo2 == ord("e"))) | ((lo == ord("r")) & (lo2 == ord("e")))
-    after = (c + np.where(one, 1, 2))[one | two]
-    S[after[isL[after]]] = True
-    # digits: two at a time from the start of the run
-    n0, n1 = np.flatnonzero(isN & ~_prev(isN)), np.flatnonzero(isN & ~_next(isN)) + 1
-    extra = (n1 - n0 - 1) // 2
-    first = np.repeat(np.cumsum(extra) - extra, extra)
-    S[n0] = True
-    S[np.repeat(n0, extra) + 2 * (np.arange(len(first)) - first + 1)] = True
-    # whitespace: a run starts a chunk, but newlines right after punctuation belong to it; after the
-    # run's last newline a chunk starts; the last space starts one too unless the text ends there
-    S |= isWS & ~_prev(isWS)
-    r0, r1 = np.flatnonzero(isNL & ~_prev(isNL)), np.flatnonzero(isNL & ~_next(isNL)) + 1
-    absorbed = k[r0 - 1] == P_
-    S[r0[absorbed]] = False
-    S[r1[absorbed][isW[r1[absorbed]]]] = True
-    w = r1[isW[r1]]                                        # a space right after newlines ...
-    ws_end = np.flatnonzero(isWS & ~_next(isWS)) + 1
-    more_nl = np.append(r0, len(k))[np.searchsorted(r0, w)] < ws_end[np.searchsorted(ws_end, w, side="right")]
-    S[w[~more_nl]] = True                                  # ... with no newline later in its run
-    S |= isW & ~_next(isWS) & ~_next(isX)
-    return S
-
-
-def split(text: str) -> list[str]:
-    """SPLIT_PATTERN applied to one text (the vectorized way); used by tests and for small inputs."""
-    cp = _codepoints([text])
-    b = np.flatnonzero(chunk_starts(cp))
-    return [text[s:e] for s, e in zip(b[:-1].tolist(), b[1:].tolist())]
-
-
-# ----------------------------------------------------------------------------- counting chunks
-# A chunk of at most 7 code points below 256 (most of them) is its own exact 64-bit key: the length
-# in the top byte, the code points below. Longer or non-Latin-1 chunks get a polynomial hash with the
-# top bit set (collisions at 64 bits are vanishingly rare) and carry their code points along.
-# Counting is then sorting uint64 keys, windows of text run in parallel processes.
-WINDOW_CHARS = 2_000_000  # per worker task: small windows sort in cache and balance the workers (2M: 1.5x faster than 8M)
-FOLD_PARTS = 32  # fold the per-window counts into one after this many: bounds memory on long streams
-HASH_BASE = np.uint64(0x100000001B3)
-_LEN_MASK = np.array([(1 << 8 * i) - 1 for i in range(8)], np.uint64)  # low bytes of a key (little-endian)
-
-
-def _runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Concatenation of the index ranges [s, s + l)."""
-    first = np.cumsum(lens) - lens
-    return np.repeat(starts - first, lens) + np.arange(int(lens.sum()))
-
-
-def _reduce_sorted(keys: np.ndarray, counts: np.ndarray):
-    """Sum counts over equal keys; keys must be sorted. Returns (unique keys, counts, first index)."""
-    first = np.flatnonzero(np.concatenate([[len(keys) > 0], keys[1:] != keys[:-1]]))
-    return keys[first], np.add.reduceat(counts, first), first
-
-
-def _count_window(docs: list[str]):
-    """Unique chunks of a window of documents: (short keys, counts, long hashes, counts, cps, lens)."""
-    cp = _codepoints(docs)
-    st = np.flatnonzero(chunk_starts(cp))
-    ln = np.diff(np.append(st, len(cp)))
-    wide = np.logical_or.reduceat(cp >= 256, st)  # before dropping the SENTINEL chunks that delimit them
-    keep = cp[st] != SENTINEL
-    st, ln, wide = st[keep], ln[keep], wide[keep]
-    short = (ln <= 7) & ~wide
-    s_st, s_ln = st[short], ln[short]
-    c8 = np.zeros(len(cp) + 8, np.uint8)
-    c8[:len(cp)] = cp  # wraps for wide code points, which short chunks don't have
-    eight = np.lib.stride_tricks.as_strided(c8, (len(cp), 8), (1, 1))  # row i: bytes i..i+7
-    key = eight[s_st].view(np.uint64).ravel() & _LEN_MASK[s_ln] | s_ln.astype(np.uint64) << np.uint64(56)
-    key.sort()
-    sk, sc, _ = _reduce_sorted(key, np.ones(len(key), np.int64))
-    l_st, l_ln = st[~short], ln[~short]
-    flat = cp[_runs(l_st, l_ln)]
-    h = _poly_hash(flat, l_ln)
-    order = np.argsort(h, kind="stable")
-    lk, lc, first = _reduce_sorted(h[order], np.ones(len(h), np.int64))
-    rep = order[first]
-    return sk, sc, lk, lc, cp[_runs(l_st[rep], l_ln[rep])], l_ln[rep]
-
-
-_POWERS = {}
-
-
-def _powers(n: int):
-    """HASH_BASE^i and its modular inverse^i for i < n (uint64, wrapping), cached and grown by doubling."""
-    if _POWERS.get("n", 0) < n:
-        m = max(n, 2 * _POWERS.get("n", 1 << 20))
-        with np.errstate(over="ignore"):
-            inv = np.uint64(pow(int(HASH_BASE), -1, 1 << 64))
-            pw, ipw = np.ones(m, np.uint64), np.ones(m, np.uint64)
-            pw[1:] = np.cumprod(np.full(m - 1, HASH_BASE, np.uint64))
-            ipw[1:] = np.cumprod(np.full(m - 1, inv, np.uint64))
-        _POWERS.update(n=m, pw=pw, ipw=ipw)
-    return _POWERS["pw"], _POWERS["ipw"]
-
-
-def _poly_hash(flat: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """64-bit polynomial hash of each segment of flat (sum x_i B^i, i from the segment start) mixed
-    with its length, top bit set. uint64 arithmetic wraps, which is the mod 2^64 we want."""
-    n = len(flat)
-    pw, ipw = _powers(n + 1)
-    with np.errstate(over="ignore"):
-        h = np.zeros(n + 1, np.uint64)
-        np.cumsum(flat.astype(np.uint64) * pw[:n], out=h[1:])
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        seg = (h[ends] - h[starts]) * ipw[starts]
-        return (seg ^ lens.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1 << 63)
-
-
-def _merge_counts(parts):
-    """Merge per-window results (each sorted by key) into one: timsort sees the sorted runs."""
-    sk = np.concatenate([p[0] for p in parts]); sc = np.concatenate([p[1] for p in parts])
-    o = np.argsort(sk, kind="stable")
-    sk, sc, _ = _reduce_sorted(sk[o], sc[o])
-    lk = np.concatenate([p[2] for p in parts]); lc = np.concatenate([p[3] for p in parts])
-    lens = np.concatenate([p[5] for p in parts])
-    offs = np.cumsum(lens) - lens
-    o = np.argsort(lk, kind="stable")
-    lk, lc, first = _reduce_sorted(lk[o], lc[o])
-    rep = o[first]
-    flat = np.concatenate([p[4] for p in parts])[_runs(offs[rep], lens[rep])]
-    return sk, sc, lk, lc, flat, lens[rep]
-
-
-def _utf8(cp: np.ndarray, lens: np.ndarray):
-    """Vectorized UTF-8 encoding of segments of code points: (bytes as uint8, byte length per segment)."""
-    cp = cp.astype(np.uint32)
-    nb = 1 + (cp >= 0x80) + (cp >= 0x800) + (cp >= 0x10000)
-    end = np.cumsum(nb)
-    out = np.empty(int(end[-1]) if len(end) else 0, np.uint8)
-    start = end - nb
-    lead = np.select([nb == 1, nb == 2, nb == 3], [cp, 0xC0 | (cp >> 6), 0xE0 | (cp >> 12)], 0xF0 | (cp >> 18))
-    out[start] = lead
-    for j in (1, 2, 3):  # continuation byte j of a character of nb bytes carries bits 6 * (nb - 1 - j)
-        m = nb > j
-        out[start[m] + j] = 0x80 | ((cp[m] >> (6 * (nb[m] - 1 - j))) & 0x3F)
-    seg = np.repeat(np.arange(len(lens)), lens)
-    return out, np.bincount(seg, weights=nb, minlength=len(lens)).astype(np.int64)
-
-
-def count_chunks(docs, workers: int | None = None):
-    """Split documents with SPLIT_PATTERN and count unique chunks, streaming in windows of text.
-    Returns (UTF-8 bytes of all unique chunks concatenated, byte length of each, count of each)."""
-    import multiprocessing as mp
-    workers = workers or min(os.cpu_count() or 1, 8)
-
-    def windows():
-        buf, size = [], 0
-        for d in docs:
-            buf.append(d)
-            size += len(d)
-            if size >= WINDOW_CHARS:
-                yield buf
-                buf, size = [], 0
-        if buf:
-            yield buf
-
-    _tables()  # built once, inherited by the forked workers
-    parts, merged = [], None
-    pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
-    try:
-        results = pool.imap(_count_window, windows()) if pool else map(_count_window, windows())
-        for part in results:
-            parts.append(part)
-            if len(parts) == FOLD_PARTS:
-                parts = [_merge_counts(parts)]
-    finally:
-        if pool:
-            pool.terminate()
-    if not parts:
-        return np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    sk, sc, lk, lc, lflat, llens = _merge_counts(parts)
-    s_ln = (sk >> np.uint64(56)).astype(np.int64)
-    s_cp = ((sk[np.repeat(np.arange(len(sk)), s_ln)] >> (np.uint64(8) * _runs(np.zeros(len(sk), np.int64), s_ln).astype(np.uint64))) & np.uint64(255))
-    cps = np.concatenate([s_cp.astype(np.uint32), lflat.astype(np.uint32)])
-    lens = np.concatenate([s_ln, llens])
-    data, blens = _utf8(cps, lens)
-    return data, blens, np.concatenate([sc, lc])
-
-
-# ----------------------------------------------------------------------------- BPE merges
-# All unique chunks live in one flat array of token ids, a doubly linked list per chunk (nxt/prv,
-# -1 at the ends), so a merge rewrites in place. Pair counts are a dict {left * K + right: count}
-# with a lazy max-heap; where each pair occurs is an append-only index {key: [position arrays]}
-# whose stale entries are filtered when read. Per-key bookkeeping uses C-level map/dict calls.
-# Merges go in batches: the next heap tops that cannot interact are applied by one set of numpy
-# calls over all their occurrences and neighbours, never a Python loop over occurrences, and only
-# when applying them together provably equals applying them one by one (step 1 below).
-# Ties: the highest count wins, then the smallest (left id, right id). A pair whose bytes already
-# are a token is never merged: tokens are distinct byte strings, as tiktoken requires.
-HEAP_SHIFT = 1 << 40  # heap item = -count * HEAP_SHIFT + key: the smallest item is the next merge
-NEVER = -(1 << 60)    # the count of a pair that must never merge: no increment makes it positive
-MAX_BATCH = 256
-
-
-def _slices(a: np.ndarray, first: np.ndarray):
-    """a cut at the indices in first (first[0] == 0), lazily and without a Python-level loop."""
-    return map(a.__getitem__, map(slice, first.tolist(), first[1:].tolist() + [len(a)]))
-
-
-def bpe_merges(data: np.ndarray, lens: np.ndarray, counts: np.ndarray, n_merges: int, verbose: bool = False):
-    """Learn up to n_merges merges from unique chunks (UTF-8 bytes concatenated, lengths, counts).
-    Returns a list of (left id, right id); the merge i creates token 256 + i."""
-    K = 256 + n_merges                                   # pair key = left * K + right
-    K64 = np.int64(K)                                    # int32 tokens times this make int64 keys
-    keep = lens > 1                                      # one-byte chunks have no pairs
-    tok = data[_runs((np.cumsum(lens) - lens)[keep], lens[keep])].astype(np.int32)
-    lens, counts = lens[keep], counts[keep]
-    n = len(tok)
-    w = np.repeat(counts, lens).astype(np.int64)         # the weight of a position: its chunk's count
-    ends = np.cumsum(lens)
-    nxt = np.arange(1, n + 1, dtype=np.int32)
-    nxt[ends - 1] = -1
-    prv = np.arange(-1, n - 1, dtype=np.int32)
-    prv[ends - lens] = -1
-    left = np.flatnonzero(nxt >= 0)
-    keys = tok[left] * K64 + tok[left + 1]
-    o = np.argsort(keys, kind="stable")
-    keys, left = keys[o], left[o]
-    first = np.flatnonzero(np.concatenate([[len(keys) > 0], keys[1:] != keys[:-1]]))
-    uk = keys[first].tolist()
-    count = dict(zip(uk, np.add.reduceat(w[left], first).tolist())) if uk else {}
-    index = collections.defaultdict(list)
-    index.update(zip(uk, map(lambda a: [a], _slices(left, first))))
-    heap = [-c * HEAP_SHIFT + k for k, c in count.items()]
-    heapq.heapify(heap)
-    vocab = [bytes([i]) for i in range(256)]
-    known = set(vocab)
-    merges = []
-    t0 = time.time()
-    while len(merges) < n_merges and heap:
-        # 1. candidates: the valid heap tops in order, up to the first that could touch a position of
-        #    an earlier one (its left token is an earlier right token or vice versa). Merging them at
-        #    once equals merging them one by one: a pair that merge j creates, (x', new_j) or
-        #    (new_j, y'), counts at most as much as the pair it came from, (x, a_j) or (b_j, y), and
-        #    has a larger key; that pair ranks below every later candidate, or it would have been
-        #    popped before them and ended the batch.
-        cand, lefts, rights, pending = [], set(), set(), set()
-        while heap and len(cand) < MAX_BATCH and len(merges) + len(cand) < n_merges:
-            item = heapq.heappop(heap)
-            key = item % HEAP_SHIFT
-            c_now = count.get(key, 0)
-            if c_now != -(item // HEAP_SHIFT):           # stale: re-push with the count now
-                if c_now > 0:
-                    heapq.heappush(heap, -c_now * HEAP_SHIFT + key)
-                continue
-            a, b = divmod(key, K)
-            new_bytes = vocab[a] + vocab[b]
-            if not cand and new_bytes in known:
-                count[key] = NEVER
-                index.pop(key, None)
-                continue
-            if a in rights or b in lefts or (cand and a == b) or new_bytes in known or new_bytes in pending:
-                heapq.heappush(heap, item)
-                break
-            cand.append((key, a, b, c_now))
-            lefts.add(a)
-            rights.add(b)
-            pending.add(new_bytes)
-            if a == b:
-                break
-        if not cand:
-            break
-        # 2. their live occurrences, j = which candidate
-        arrs = [np.concatenate(index[x[0]]) for x in cand]
-        p = np.concatenate(arrs)
-        j = np.repeat(np.arange(len(cand)), [len(x) for x in arrs])
-        q = nxt[p]
-        live = (tok[p] == np.array([x[1] for x in cand])[j]) & (q >= 0) & (tok[q] == np.array([x[2] for x in cand])[j])
-        p, q, j = p[live], q[live], j[live]
-        if cand[0][1] == cand[0][2] and len(p) > 1:      # runs a a a: merge left to right, every other one
-            o = np.argsort(p)
-            p, q = p[o], q[o]
-            chained = np.concatenate([[False], q[:-1] == p[1:]])
-            run_start = np.maximum.accumulate(np.where(chained, 0, np.arange(len(p))))
-            keep = (np.arange(len(p)) - run_start) % 2 == 0
-            p, q, j = p[keep], q[keep], j[keep]
-        l, r = prv[p], nxt[q]
-        m = len(cand)
-        c0 = len(vocab)
-        for key, a, b, _ in cand:
-            vocab.append(vocab[a] + vocab[b])
-            known.add(vocab[-1])
-            merges.append((a, b))
-            del count[key], index[key]
-        # 3. pairs that disappear start at p's left neighbour and at q (p's own pair is merged away);
-        #    l may be another occurrence's q: dedupe
-        old = np.concatenate([l[l >= 0], q[r >= 0]])
-        old.sort()
-        old = old[np.concatenate([[True], old[1:] != old[:-1]])] if len(old) else old
-        old_keys = tok[old] * K64 + tok[nxt[old]]
-        # 4. rewrite: p becomes its new token, q leaves the list
-        tok[p] = c0 + j
-        tok[q] = -1
-        nxt[p] = r
-        has_r = r >= 0
-        prv[r[has_r]] = p[has_r]
-        # 5. pairs that appear start at p's new left neighbour (unless it was merged too) and at p
-        l = prv[p]
-        new = np.concatenate([l[(l >= 0) & (tok[np.maximum(l, 0)] < c0)], p[has_r]])
-        new_keys = tok[new] * K64 + tok[nxt[new]]
-        # 6. count deltas, applied with C-level dict calls; pairs that grew go on the heap
-        dk = np.concatenate([old_keys, new_keys])
-        o = np.argsort(dk, kind="stable")
-        dk = dk[o]
-        first = np.flatnonzero(np.concatenate([[True], dk[1:] != dk[:-1]])) if len(dk) else np.zeros(0, np.int64)
-        uk = dk[first].tolist()
-        ud = np.add.reduceat(np.concatenate([-w[old], w[new]])[o], first) if len(first) else np.zeros(0, np.int64)
-        uv = np.fromiter(map(count.get, uk, itertools.repeat(0)), np.int64, len(uk)) + ud
-        count.update(zip(uk, uv.tolist()))
-        up = np.flatnonzero((ud > 0) & (uv > 0)).tolist()
-        uvl = uv.tolist()
-        list(map(heapq.heappush, itertools.repeat(heap, len(up)), [-uvl[i] * HEAP_SHIFT + uk[i] for i in up]))
-        # 7. index the new pairs' positions (stale ones, e.g. of never-merge pairs, are harmless)
-        is_new = o >= len(old)
-        nk = dk[is_new]
-        if len(nk):
-            nfirst = np.flatnonzero(np.concatenate([[True], nk[1:] != nk[:-1]]))
-            list(map(list.append, map(index.__getitem__, nk[nfirst].tolist()), _slices(new[o[is_new] - len(old)], nfirst)))
-        if verbose and len(merges) // 1000 != (len(merges) - m) // 1000:
-            print(f"\rmerge {len(merges)}/{n_merges} ({time.time() - t0:.1f}s)", end="", flush=True)
-    if verbose:
-        print()
-    return merges
-
-
-def train_merges(docs, vocab_size: int, workers: int | None = None, verbose: bool = False):
-    """Count the chunks of docs and learn vocab_size - 256 - len(SPECIAL_TOKENS) merges."""
-    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
-    if n_merges < 0:
-        raise DataError(f"--vocab-size {vocab_size}: must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
-    t0 = time.time()
-    data, lens, counts = count_chunks(docs, workers)
-    if not len(lens):
-        raise NoDocuments("empty corpus: no text to train the tokenizer on")
-    if verbose:
-        print(f"counted {int(counts.sum()):,} chunks, {len(lens):,} unique, in {time.time() - t0:.1f}s")
-    merges = bpe_merges(data, lens, counts, n_merges, verbose=verbose)
-    if len(merges) < n_merges:
-        print(f"note: the corpus ran out of pairs after {len(merges)} merges: vocab size {256 + len(merges) + len(SPECIAL_TOKENS)}")
-    return merges
-
-
-# ----------------------------------------------------------------------------- the Tokenizer
-
-class Tokenizer:
-    """Byte-level BPE: our merges, encoded by tiktoken. Special tokens take the last ids."""
-
-    def __init__(self, merges: list, pattern: str = SPLIT_PATTERN):
-        import tiktoken
-        self.merges = [tuple(m) for m in merges]
-        self.pattern = pattern
-        vocab = [bytes([i]) for i in range(256)]
-        for a, b in self.merges:
-            vocab.append(vocab[a] + vocab[b])
-        self.vocab = vocab
-        n = len(vocab)
-        if len(set(vocab)) != n:
-            raise DataError("damaged tokenizer: two merges make the same bytes")
-        self.specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
-        self.enc = tiktoken.Encoding(name=f"speedchat{n}", pat_str=pattern,
-                                     mergeable_ranks={t: i for i, t in enumerate(vocab)}, special_tokens=self.specials)
-        self.vocab_size = n + len(SPECIAL_TOKENS)
-        self.bos_id = self.specials["<|bos|>"]
-        self.token_bytes = np.array([len(t) for t in vocab] + [0] * len(SPECIAL_TOKENS), np.int32)
-        blob = json.dumps(self._state(), separators=(",", ":")).encode()
-        self.hash = hashlib.sha256(blob).hexdigest()[:16]
-
-    def _state(self):
-        return {"format": "speedchat-bpe", "version": FORMAT_VERSION, "pattern": self.pattern,
-                "special_tokens": SPECIAL_TOKENS, "merges": [list(m) for m in self.merges]}
-
-    # --- encode / decode
-    def special(self, name: str) -> int:
-        if name not in self.specials:
-            raise KeyError(f"unknown special token {name!r}; known: {', '.join(SPECIAL_TOKENS)}")
-        return self.specials[name]
-
-    def encode(self, text, prepend=None, num_threads: int = 8):
-        """Plain text to ids (a string that spells a special token stays plain text). text may be a
-        list (encoded on num_threads threads); prepend is a token id or a special token's name."""
-        pre = [] if prepend is None else [self.special(prepend) if isinstance(prepend, str) else int(prepend)]
-        if isinstance(text, str):
-            return pre + self.enc.encode_ordinary(text)
-        return [pre + ids for ids in self.enc.encode_ordinary_batch(list(text), num_threads=num_threads)]
-
-    def encode_array(self, text: str, prepend=None) -> np.ndarray:
-        """encode() of one text as an int32 array, for the training loader: tiktoken fills a buffer
-        with the GIL released and no Python int is made, so a loader thread barely slows the one
-        that drives the GPU."""
-        ids = self.enc.encode_to_numpy(text, disallowed_special=())  # nothing allowed: specials are plain text
-        out = np.empty(len(ids) + (prepend is not None), dtype=np.int32)
-        if prepend is not None:
-            out[0] = self.special(prepend) if isinstance(prepend, str) else int(prepend)
-        out[len(out) - len(ids):] = ids
-        return out
-
-    def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
-
-    def id_to_bytes(self, i: int) -> bytes:
-        return self.vocab[i] if i < len(self.vocab) else SPECIAL_TOKENS[i - len(self.vocab)].encode()
-
-    # --- chat rendering
-    def render_conversation(self, messages: list, max_tokens: int = 2048):
-        """ids and a mask that is 1 exactly on tokens the assistant must learn to produce: its text, its
-        python calls with their delimiters, and <|assistant_end|>. 0 on <|bos|>, user turns,
-        <|assistant_start|> and tool outputs. A system message is merged into the first user turn."""
-        ids, mask = [self.bos_id], [0]
-
-        def add(toks, m):
-            ids.extend(toks)
-            mask.extend([m] * len(toks))
-
-        S = self.specials
-        for i, msg in enumerate(_check_conversation(messages)):
-            if msg["role"] == "user":
-                add([S["<|user_start|>"]] + self.encode(msg["content"]) + [S["<|user_end|>"]], 0)
-                continue
-            add([S["<|assistant_start|>"]], 0)
-            content = msg["content"]
-            for part in ([{"type": "text", "text": content}] if isinstance(content, str) else content):
-                if part["type"] == "text":
-                    add(self.encode(part["text"]), 1)
-                elif part["type"] == "python":
-                    add([S["<|python_start|>"]] + self.encode(part["text"]) + [S["<|python_end|>"]], 1)
-                else:  # python_output: the tool's words, forced at inference, never learned
-                    add([S["<|output_start|>"]] + self.encode(part["text"]) + [S["<|output_end|>"]], 0)
-            add([S["<|assistant_end|>"]], 1)
-        return ids[:max_tokens], mask[:max_tokens]
-
-    def render_for_completion(self, messages: list) -> list:
-        """Prompt ids ending with <|assistant_start|>. A final assistant message (e.g. a task's
-        reference answer) is left out, so a conversation can be used as its own prompt."""
-        messages = list(messages)
-        if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        if not messages or messages[-1].get("role") != "user":
-            raise ValueError("render_for_completion: the conversation must end with a user message")
-        ids, _ = self.render_conversation(messages, max_tokens=1 << 62)
-        return ids + [self.specials["<|assistant_start|>"]]
-
-    # --- files
-    def save(self, folder):
-        """tokenizer.json (self-describing) and token_bytes.npy, each written to a temp file and renamed."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, write in ((TOKENIZER_FILE, lambda f: f.write(json.dumps(self._state()).encode())),
-                            (TOKEN_BYTES_FILE, lambda f: np.save(f, self.token_bytes))):
-            tmp = folder / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, folder / name)
-        return folder
-
-    @classmethod
-    def load(cls, folder):
-        path = Path(folder) / TOKENIZER_FILE
-        if not path.exists():
-            raise DataError(f"no tokenizer at {path}; train one: python tok.py train")
-        try:
-            state = json.loads(path.read_text())
-            if state.get("format") != "speedchat-bpe" or state.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format {state.get('format')!r} version {state.get('version')!r}")
-            if state["special_tokens"] != SPECIAL_TOKENS:
-                raise ValueError("special tokens differ from this tok.py")
-            return cls(state["merges"], state["pattern"])
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"damaged tokenizer file {path}: {type(e).__name__}: {e}") from None
-
-
-def _check_conversation(messages):
-    """Validate roles and parts; merge a leading system message into the first user turn."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("conversation: expected a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or "content" not in m:
-            raise ValueError(f"message {i}: expected {{'role': system|user|assistant, 'content': ...}}, got {str(m)[:80]}")
-        c = m["content"]
-        if isinstance(c, list):
-            if m["role"] != "assistant":
-                raise ValueError(f"message {i}: only assistant content may be a list of parts")
-            for j, part in enumerate(c):
-                if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output") or not isinstance(part.get("text"), str):
-                    raise ValueError(f"message {i} part {j}: expected {{'type': text|python|python_output, 'text': str}}, got {str(part)[:80]}")
-        elif not isinstance(c, str):
-            raise ValueError(f"message {i}: content must be a string or a list of parts")
-    if messages[0]["role"] == "system":
-        if len(messages) < 2 or messages[1]["role"] != "user":
-            raise ValueError("message 1: a system message must be followed by a user message")
-        messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}] + messages[2:]
-    for i, m in enumerate(messages):
-        want = "user" if i % 2 == 0 else "assistant"
-        if m["role"] != want:
-            raise ValueError(f"message {i}: expected role {want} (turns alternate user, assistant, ...), got {m['role']}")
-    return messages
-
-
-def train_tokenizer(texts, vocab_size: int = 32768, doc_cap: int | None = 10000, max_chars: int | None = None,
-                    workers: int | None = None, verbose: bool = False) -> Tokenizer:
-    """Train on an iterable of documents (each cut to doc_cap characters, max_chars in all)."""
-    def docs():
-        seen = 0
-        for d in texts:
-            d = d[:doc_cap] if doc_cap else d
-            if max_chars is not None:
-                d = d[:max_chars - seen]
-            seen += len(d)
-            yield d
-            if max_chars is not None and seen >= max_chars:
-                return
-    return Tokenizer(train_merges(docs(), vocab_size, workers, verbose))
-
-
-def get_tokenizer(path=None) -> Tokenizer:
-    return Tokenizer.load(path or home() / "tokenizer")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def bytes_per_token(encode, texts) -> float:
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return n_bytes / max(1, sum(len(ids) for ids in encode(texts)))
-
-
-def sources_at_hand() -> list[str]:
-    """Named datasets with a validation shard on disk (and the toy world once it exists)."""
-    have = [d for d, (_, total) in DATASETS.items() if _shard_ok(shard_path(d, total - 1))]
-    try:
-        next(iter_batches("toy", "val"))
-        have.append("toy")
-    except DataError:
-        pass
-    return have
-
-
-def evaluate(tokenizer: Tokenizer, sources: list[str], max_chars: int = 5_000_000) -> dict:
-    """UTF-8 bytes per token on held-out text of each source: ours, and GPT-2's / GPT-4's when
-    tiktoken can load them (it downloads them once; offline they are skipped with a notice)."""
-    import tiktoken
-    peers = {}
-    for name in ("gpt2", "cl100k_base"):
-        try:
-            peers[name] = tiktoken.get_encoding(name)
-        except Exception as e:
-            print(f"skipping {name}: cannot load it ({type(e).__name__}; offline?)")
-    results = {}
-    for src in sources:
-        texts = list(iter_documents(src, "val", max_chars=max_chars))
-        row = {"ours": bytes_per_token(lambda ts: tokenizer.encode(ts), texts)}
-        for name, enc in peers.items():
-            row[name] = bytes_per_token(lambda ts: enc.encode_ordinary_batch(ts), texts)
-        results[src] = row
-        print(f"{src:>14}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()) + "  (bytes/token, higher is better)")
-    return results
-
-
-def write_report(section: str, data: dict):
-    """One stage's section of the report card: $SPEEDCHAT_HOME/report/<section>.json."""
-    folder = home() / "report"
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{section}.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, folder / f"{section}.json")
-
-
 # ----------------------------------------------------------------------------- command line
 
 def run_main(main):
@@ -1198,8 +1218,8 @@ def main(argv=None):
             bpt = bytes_per_token(tokenizer.encode, val) if val else None
             print(f"held-out {args.data}: {bpt:.3f} bytes/token" if val else
                   f"held-out {args.data}: none (no validation documents: a one-document corpus is all training text)")
-            write_report("tokenizer", {"data": args.data, "vocab_size": tokenizer.vocab_size, "train_seconds": round(secs, 2),
-                                       "hash": tokenizer.hash, "val_bytes_per_token": bpt})
+            write_section("tokenizer", {"data": args.data, "vocab_size": tokenizer.vocab_size, "train_time_s": round(secs, 2),
+                                        "hash": tokenizer.hash, "val_bytes_per_token": bpt}, merge=False)
         else:
             tokenizer = get_tokenizer(args.tokenizer)
             sources = args.data or sources_at_hand()

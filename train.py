@@ -7,10 +7,10 @@ train.py: the GPT model, the Muon+AdamW optimizer, the token loader and the pret
       --total-batch-size 256 --num-iterations 50 --data PATH    # a tiny CPU run on local text
 
 One dial: --depth sets the width (depth x 64, heads of 128), the learning rates and the training
-horizon (tokens = --target-param-data-ratio x scaling params). Later stages import from here:
-GPT, GPTConfig, setup_optimizer, lr_multiplier, muon_momentum, set_schedule, train_step,
-TokenLoader, validation_batches, evaluate_bpb, save_checkpoint, load_checkpoint (CheckpointError),
-load_model, checkpoint_root, last_step, load_resume, prepare_run_dir, append_jsonl, compute_init / compute_cleanup. Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
+horizon (tokens = --target-param-data-ratio x scaling params). Checkpoints: $SPEEDCHAT_HOME/checkpoints/base/<tag>/.
+
+Reads top to bottom: constants, the model, the optimizer, the token loader, evaluation, the pretraining
+loop, then (one banner) the plumbing the later stages import too: checkpoints, resume, compute setup.
 """
 import argparse, bisect, contextlib, functools, hashlib, itertools, json, math, os, queue, random, shlex, shutil, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
@@ -465,9 +465,10 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_rat
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int) -> float:
-    """Momentum warmup 0.85 -> 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
+def muon_momentum(step: int, warmup_steps: int = 300) -> float:
+    """Muon's momentum, 0.85 -> 0.95 over pretraining's first 300 steps, while a random model's gradients
+    turn fast. The fine-tuning stages start from a trained model: warmup_steps=0, 0.95 from their first step."""
+    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
     return (1 - frac) * 0.85 + frac * 0.95
 
 
@@ -543,6 +544,29 @@ def tokenize_ahead(tokenizer, passes, depth: int = 2, threads: int = 4):
         stop.set()
 
 
+class BestFit:
+    """The packers' buffer (pretraining's documents, midtraining's conversations): items kept sorted by
+    length, ties in arrival order; take(room) removes the longest that fits, None if none does."""
+
+    def __init__(self, lens=(), items=()):
+        self.lens, self.items = list(lens), list(items)
+
+    def __len__(self):
+        return len(self.items)
+
+    def add(self, length: int, item):
+        i = bisect.bisect_right(self.lens, length)
+        self.lens.insert(i, length)
+        self.items.insert(i, item)
+
+    def take(self, room: int, or_shortest: bool = False):
+        i = bisect.bisect_right(self.lens, room) - 1
+        if i < 0 and not (or_shortest and self.items):
+            return None
+        self.lens.pop(max(i, 0))
+        return self.items.pop(max(i, 0))
+
+
 class TokenLoader:
     """Rows of T+1 tokens, each starting with <|bos|>, packed from whole documents (best fit: the
     longest buffered document that still fits; a document is cropped only when none fits).
@@ -560,7 +584,7 @@ class TokenLoader:
         self.device, self.buffer_docs = torch.device(device), buffer_docs
         self.bos = tokenizer.bos_id
         self.epoch, self.next_unit = 0, 0
-        self.lens, self.docs = [], []  # buffered documents, sorted by length (ties: insertion order)
+        self.buffer = BestFit()  # documents waiting to be packed
         self._units, self._next = None, None  # _next: a prefetched (B, T+1) batch
         self.exhausted = False  # the last of `passes` is over
         if state is not None:
@@ -583,20 +607,15 @@ class TokenLoader:
         unit, docs = item
         self.next_unit = unit + 1
         for doc in docs:
-            self._insert(doc)
+            self.buffer.add(len(doc), doc)
         return True
-
-    def _insert(self, doc):
-        i = bisect.bisect_right(self.lens, len(doc))
-        self.lens.insert(i, len(doc))
-        self.docs.insert(i, doc)
 
     def _fill(self):
         """Top up the buffer; it stays empty only once the last pass is over."""
         epoch0 = self.epoch
-        while len(self.docs) < max(1, self.buffer_docs) and not self.exhausted:
-            if not self._pull_unit() and (self.docs or self.epoch - epoch0 > 1):
-                if not self.docs:
+        while len(self.buffer) < max(1, self.buffer_docs) and not self.exhausted:
+            if not self._pull_unit() and (self.buffer or self.epoch - epoch0 > 1):
+                if not self.buffer:
                     raise tok.NoDocuments(f"--data {self.data}: no {self.split} documents for rank {self.rank} of {self.world_size}")
                 break
 
@@ -604,14 +623,10 @@ class TokenLoader:
         row, n = np.full(self.T + 1, -1, dtype=np.int32), 0
         while n < self.T + 1:
             self._fill()
-            if not self.docs:  # the data is over: the rest of the row stays -1
+            if not self.buffer:  # the data is over: the rest of the row stays -1
                 break
             room = self.T + 1 - n
-            i = bisect.bisect_right(self.lens, room) - 1  # longest doc that fits
-            if i < 0:  # nothing fits: crop the shortest, the tail is dropped (rows must start with BOS)
-                i = 0
-            doc = self.docs.pop(i)
-            self.lens.pop(i)
+            doc = self.buffer.take(room, or_shortest=True)  # nothing fits: crop the shortest (rows must start with BOS)
             take = min(len(doc), room)
             row[n:n + take] = doc[:take]
             n += take
@@ -642,8 +657,8 @@ class TokenLoader:
     __call__ = next_batch
 
     def state_dict(self):
-        flat = np.concatenate(self.docs) if self.docs else np.zeros(0, np.int32)
-        return {"epoch": self.epoch, "next_unit": self.next_unit, "lens": torch.tensor(self.lens, dtype=torch.int64),
+        flat = np.concatenate(self.buffer.items) if self.buffer else np.zeros(0, np.int32)
+        return {"epoch": self.epoch, "next_unit": self.next_unit, "lens": torch.tensor(self.buffer.lens, dtype=torch.int64),
                 "tokens": torch.from_numpy(flat.astype(np.int32)), "data": self.data, "split": self.split,
                 "rank": self.rank, "world_size": self.world_size,
                 "next": None if self._next is None else torch.from_numpy(self._next.copy())}
@@ -655,7 +670,7 @@ class TokenLoader:
         lens = state["lens"].tolist()
         flat = state["tokens"].numpy()
         offsets = np.cumsum([0] + lens)
-        self.lens, self.docs = lens, [flat[a:b].copy() for a, b in zip(offsets[:-1], offsets[1:])]
+        self.buffer = BestFit(lens, [flat[a:b].copy() for a, b in zip(offsets[:-1], offsets[1:])])
         self._units, self._next = None, None
         if state.get("next") is not None:
             self._stage(state["next"].numpy().copy())
@@ -735,307 +750,16 @@ def core_metric(model, tokenizer, device, max_per_task=500) -> dict | None:
     return None
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoint_root(source: str = "base") -> Path:
-    return tok.home() / "checkpoints" / source
-
-
-def _step_dirs(ckpt_dir: Path) -> list:
-    """Finished checkpoints (step_NNNNNN folders), oldest first. Half-written .tmp folders are ignored."""
-    if not ckpt_dir.is_dir():
-        return []
-    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
-
-
-def last_step(ckpt_dir) -> int | None:
-    dirs = _step_dirs(Path(ckpt_dir))
-    return int(dirs[-1].name[5:]) if dirs else None
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-class CheckpointError(tok.DataError):
-    """A checkpoint file that is missing, damaged or does not fit: named in one line."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _meta_digest(meta: dict) -> str:
-    """meta.json's own checksum: over its content without the checksums (so a flipped byte in any value shows)."""
-    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "files"}, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
-                    rank_state=None, keep_last: int = -1):
-    """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
-    when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
-    state_rank{r}.pt (loader position, RNG) from every rank; meta["files"] holds the sha256 of every
-    file (load_checkpoint verifies them). Called by all ranks together; with several nodes ckpt_dir
-    must be on a shared filesystem."""
-    ckpt_dir = Path(ckpt_dir)
-    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    mine = {"model.pt": model_state} if rank == 0 else {}
-    mine.update({f"optim_rank{rank}.pt": optim_state, f"state_rank{rank}.pt": rank_state})
-    sums = {}
-    for name, obj in mine.items():
-        if obj is not None:
-            torch.save(obj, tmp / name)
-            sums[name] = _sha256(tmp / name)  # read back: the checksum of what is on disk
-    if dist.is_initialized():
-        every = [None] * world_size
-        dist.all_gather_object(every, sums)
-        sums = {k: v for d in every for k, v in d.items()}
-    if rank == 0:
-        meta = {**meta, "files": dict(sorted(sums.items()))}
-        meta["files"]["meta.json"] = _meta_digest(meta)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    _barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last > 0:
-            for old in _step_dirs(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=True):
-    """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last). Every file
-    read is checked against its sha256 in meta.json first; training_state=False (inference) reads only
-    model.pt and meta.json. A damaged or missing file is a CheckpointError naming it."""
-    ckpt_dir = Path(ckpt_dir)
-    step = last_step(ckpt_dir) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    d = ckpt_dir / f"step_{step:06d}"
-    if not d.is_dir():
-        raise FileNotFoundError(f"no checkpoint {d}")
-    try:
-        meta = json.loads((d / "meta.json").read_text())
-        sums = meta.get("files")  # None: a checkpoint from before checksums
-        assert isinstance(meta, dict) and (sums is None or sums.get("meta.json") == _meta_digest(meta)), "checksum mismatch"
-    except (OSError, ValueError, AssertionError, AttributeError) as e:
-        raise CheckpointError(f"{d / 'meta.json'}: damaged or missing ({type(e).__name__}: {e})") from None
-
-    def load(name, map_location):
-        path = d / name
-        if not path.exists():
-            raise CheckpointError(f"{path}: missing")
-        if sums is not None and _sha256(path) != sums.get(name):
-            raise CheckpointError(f"{path}: damaged (its sha256 differs from the one in meta.json)")
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # truncated, not a torch file, a pickle of something else, ...
-            first = str(e).strip().split("\n")[0].split(". ")[0][:200]  # torch's advice to drop weights_only is not ours
-            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
-    model_state = load("model.pt", device)
-    optim_state = rank_state = None
-    if training_state and (d / f"optim_rank{rank}.pt").exists():
-        optim_state = load(f"optim_rank{rank}.pt", device)
-    if training_state and (d / f"state_rank{rank}.pt").exists():
-        rank_state = load(f"state_rank{rank}.pt", "cpu")
-    return model_state, optim_state, rank_state, meta
-
-
-def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None):
-    """(model in eval mode, tokenizer, meta) from checkpoints/<source>/<tag>/; tag None = the tag with
-    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with."""
-    root = checkpoint_root(source)
-    if tag is None:
-        tags = [d for d in root.iterdir() if d.is_dir() and _step_dirs(d)] if root.is_dir() else []
-        if not tags:
-            raise FileNotFoundError(f"no {source} checkpoints under {root}")
-        tag = max(tags, key=lambda d: _step_dirs(d)[-1].stat().st_mtime).name
-    step = last_step(root / tag) if step is None else step
-    model_state, _, _, meta = load_checkpoint(root / tag, step, device, training_state=False)
-    tokenizer = tokenizer or tok.get_tokenizer()
-    check_tokenizer(meta, tokenizer, root / tag)
-    d = root / tag / f"step_{step:06d}"
-    with restoring(d / "meta.json", "model config"):
-        model = GPT(GPTConfig(**meta["model_config"]).validate())
-    with restoring(d / "model.pt", "weights"):
-        model.load_state_dict(model_state)
-    return model.to(device).eval(), tokenizer, meta
-
-
-@contextlib.contextmanager
-def restoring(path: Path, what: str):
-    """Turn an error while restoring `what` from a checkpoint file into a CheckpointError naming the file."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise CheckpointError(f"{path}: cannot restore the {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})") from None
-
-
-def check_tokenizer(meta, tokenizer, where):
-    if meta.get("tokenizer_hash") != tokenizer.hash:
-        raise ValueError(f"{where}: checkpoint was trained with tokenizer {meta.get('tokenizer_hash')}, "
-                         f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
-
-
-def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict, device, rank: int, ws: int,
-                model, optimizer, loader=None) -> dict:
-    """--resume: restore model, optimizer, loader (when given) and RNG from the last checkpoint of
-    ckpt_dir and return its meta, after refusing whatever would not continue the same run: no
-    checkpoint, another tokenizer or model config, another world size (the optimizer state is sharded),
-    other run settings (meta[section] vs settings), no optimizer or rank state for this rank, a state
-    that does not fit (named by file)."""
-    step = last_step(ckpt_dir)
-    if step is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
-    model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, step, device, rank)
-    try:
-        check_tokenizer(meta, tokenizer, ckpt_dir)
-    except ValueError as e:
-        raise SystemExit(f"--resume: {e}") from None
-    changed = lambda old, new: {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}  # noqa: E731
-    if meta["model_config"] != asdict(config):
-        raise SystemExit(f"--resume: {ckpt_dir} has an incompatible model config (checkpoint vs now): "
-                         f"{changed(meta['model_config'], asdict(config))}")
-    if meta.get("world_size") != ws:
-        raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
-    if diff := changed(meta.get(section, {}), settings):
-        raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
-    if optim_state is None or rank_state is None:
-        raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
-    d = ckpt_dir / f"step_{step:06d}"
-    with restoring(d / "model.pt", "weights"):
-        model.load_state_dict(model_state)
-    with restoring(d / f"optim_rank{rank}.pt", "optimizer state"):
-        optimizer.load_state_dict(optim_state)
-    with restoring(d / f"state_rank{rank}.pt", "loader position and RNG state"):
-        if loader is not None:
-            loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"], device)
-    return meta
-
-
-def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: bool, start_step: int, master: bool):
-    """After a resume was loaded (or not): refuse to clobber another run's checkpoints, clear a fresh
-    run's stale checkpoints and log, and drop log lines from beyond a resume point."""
-    if not resume and last_step(ckpt_dir) is not None and not overwrite:
-        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {last_step(ckpt_dir)}); "
-                         f"pass --resume to continue, --overwrite to start over, or another --tag")
-    if not resume and master and ckpt_dir.exists():
-        for d in _step_dirs(ckpt_dir):
-            shutil.rmtree(d)
-        log_path.unlink(missing_ok=True)
-    _barrier()
-    if master and resume and log_path.exists():
-        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
-        _atomic_write(log_path, "".join(l + "\n" for l in keep))
-
-
-def append_jsonl(path: Path, entry: dict):
-    """One line of a run's log.jsonl (the report card reads these)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _atomic_write(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- compute setup
-
-def compute_init(device_arg="auto"):
-    """(rank, local_rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
-    ws = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device available")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if ws > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", **({"device_id": device} if use_cuda else {}))
-    return rank, local_rank, ws, device
-
-
-def use_bf16(device) -> bool:
-    """Pretraining's precision rule: bf16 autocast on CUDA SM80+ (master weights stay fp32), fp32 elsewhere."""
-    device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has made in this process: after a run's first step and first evaluation the
-    count should never grow again (a recompile per step is a silent slowdown)."""
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
-
-
-def compute_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def provenance(device, world_size: int, command: str) -> dict:
-    """Where a run's figures come from, kept in its checkpoints and its report: the code (git commit, and
-    whether tracked files differed from it), the command and launcher, torch and CUDA, the GPUs."""
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    commit = git("rev-parse", "HEAD")
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    cuda = device.type == "cuda"
-    return {"git_commit": commit or "unknown", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
-            "command": command,
-            "launcher": f"torchrun, {world_size // per_node} node(s) x {per_node}" if "TORCHELASTIC_RUN_ID" in os.environ else "python",
-            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "gpu": torch.cuda.get_device_name(device) if cuda else "none", "gpu_count": world_size if cuda else 0,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def peak_flops(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
-
-
-def rng_state(device):
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "python": random.getstate()}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    random.setstate(state["python"])
-
-
-def _fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 # ----------------------------------------------------------------------------- the pretraining loop
+
+def add_lr_flags(a):
+    """The optimizer's rates, for every stage's parser (the fine-tuning stages scale them by --init-lr-frac)."""
+    a("--embedding-lr", type=float, default=0.2, help="AdamW, token and value embeddings (at width 768)")
+    a("--unembedding-lr", type=float, default=0.004, help="AdamW, lm_head (at width 768)")
+    a("--matrix-lr", type=float, default=0.02, help="Muon, block matrices")
+    a("--scalar-lr", type=float, default=0.02, help="AdamW, per-layer residual/x0 scalars")
+    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay on the Muon matrices")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a GPT (train.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -1057,11 +781,7 @@ def parse_args(argv=None):
     a("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
     a("--device-batch-size", type=int, default=32, help="rows per micro-batch per rank")
     # optimization
-    a("--embedding-lr", type=float, default=0.2, help="AdamW, token and value embeddings (at width 768)")
-    a("--unembedding-lr", type=float, default=0.004, help="AdamW, lm_head (at width 768)")
-    a("--matrix-lr", type=float, default=0.02, help="Muon, block matrices")
-    a("--scalar-lr", type=float, default=0.02, help="AdamW, per-layer residual/x0 scalars")
-    a("--weight-decay", type=float, default=0.0, help="decoupled weight decay on the Muon matrices")
+    add_lr_flags(a)
     a("--warmup-ratio", type=float, default=0.0)
     a("--warmdown-ratio", type=float, default=0.4)
     a("--final-lr-frac", type=float, default=0.0)
@@ -1136,6 +856,16 @@ def main(argv=None):
         compute_cleanup()
 
 
+@dataclass
+class LoopState:
+    """What the loop carries from step to step; each checkpoint saves it (meta["loop"]), a resume continues it."""
+    smooth_loss: float = 0.0      # an exponential moving average of the loss, debiased when shown
+    train_time: float = 0.0       # seconds in optimizer steps (a run's first step, compilation, excluded)
+    timed_steps: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float | None = None
+
+
 def pretrain(args, command="train.py"):
     rank, local_rank, ws, device = compute_init(args.device)
     master = rank == 0
@@ -1157,17 +887,16 @@ def pretrain(args, command="train.py"):
     num_scaling = model.num_scaling_params()
     num_iterations = args.num_iterations if args.num_iterations > 0 else \
         max(1, round(args.target_param_data_ratio * num_scaling / args.total_batch_size))
-    flops_per_token = model.estimate_flops()
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and use_bf16(device))
-    autocast_ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    autocast_ctx = functools.partial(autocast, device, bf16)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.attn == "flex" and device.type != "cuda":
         raise SystemExit("--attn flex needs CUDA (flex attention has no CPU backward); use --attn sdpa")
     model.set_attention("flex" if args.attn == "flex" or (args.attn == "auto" and compiled and device.type == "cuda") else "sdpa", device)
     optimizer = setup_optimizer(model, args.embedding_lr, args.unembedding_lr, args.matrix_lr, args.scalar_lr,
                                 args.weight_decay, rank, ws, compiled)
-    train_loader = TokenLoader(tokenizer, args.data, "train", args.device_batch_size, args.max_seq_len, rank, ws,
-                               device, args.buffer_docs, skip_bad=args.skip_bad_rows)
+    loader = TokenLoader(tokenizer, args.data, "train", args.device_batch_size, args.max_seq_len, rank, ws,
+                         device, args.buffer_docs, skip_bad=args.skip_bad_rows)
     token_bytes = torch.as_tensor(np.asarray(tokenizer.token_bytes), dtype=torch.int64, device=device)
     ckpt_dir = checkpoint_root("base") / (args.tag or f"d{args.depth}")
     log_path = ckpt_dir / "log.jsonl"
@@ -1175,25 +904,17 @@ def pretrain(args, command="train.py"):
                   "max_seq_len": args.max_seq_len, "data": args.data, "num_iterations": num_iterations}
 
     # resume: refuse anything that would not continue the same run
-    start_step, smooth_loss, train_time, timed_steps, val_bpb, min_val_bpb = 0, 0.0, 0.0, 0, None, None
+    start_step, state = 0, LoopState()
     if args.resume:
-        meta = load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws, model, optimizer, train_loader)
-        start_step = meta["step"]
-        smooth_loss, train_time, timed_steps = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["timed_steps"]
-        val_bpb, min_val_bpb = meta["loop"]["val_bpb"], meta["loop"]["min_val_bpb"]
+        meta = load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws, model, optimizer, loader)
+        start_step, state = meta["step"], LoopState(**meta["loop"])
         print0(f"resumed {ckpt_dir} at step {start_step}")
     prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
 
     raw_model = model
     if compiled:
         model = torch.compile(model, dynamic=False, fullgraph=True)  # fullgraph: a graph break fails, never slows
-    wandb_run = None
-    if master and args.run != "dummy":
-        try:
-            import wandb
-            wandb_run = wandb.init(project="speedchat", name=args.run, config=vars(args), resume="allow")
-        except ImportError:
-            print0("wandb not installed: logging to log.jsonl only")
+    wandb_run = start_wandb(args) if master else None
 
     def log(entry):
         if master:
@@ -1201,19 +922,18 @@ def pretrain(args, command="train.py"):
             if wandb_run is not None:
                 wandb_run.log(entry, step=entry["step"])
 
+    prov = provenance(device, ws, command)
+    num_params = sum(p.numel() for p in raw_model.parameters())
+
     def save(step):
         meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
-                "train": train_meta, "args": vars(args), "provenance": prov, "num_params": sum(p.numel() for p in raw_model.parameters()),
-                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "timed_steps": timed_steps, "val_bpb": val_bpb,
-                         "min_val_bpb": min_val_bpb}}
-        rank_state = {"loader": train_loader.state_dict(), "rng": rng_state(device)}
+                "train": train_meta, "args": vars(args), "provenance": prov, "num_params": num_params, "loop": asdict(state)}
+        rank_state = {"loader": loader.state_dict(), "rng": rng_state(device)}
         path = save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta, rank, ws,
                                rank_state, args.keep_last)
         print0(f"saved {path}")
 
-    num_params = sum(p.numel() for p in raw_model.parameters())
-    peak = peak_flops(device)
-    prov = provenance(device, ws, command)
+    flops_per_token, peak = raw_model.estimate_flops(), peak_flops(device)
     print0(f"model: {config} | {num_params:,} params, {num_scaling:,} scaling | {flops_per_token:.3g} FLOPs/token")
     print0(f"code: git {prov['git_commit'][:12]}{' with uncommitted changes' if prov['git_dirty'] else ''} | "
            f"{prov['launcher']} | torch {prov['torch']}, CUDA {prov['cuda']} | GPU: {prov['gpu_count']} x {prov['gpu']}")
@@ -1221,94 +941,426 @@ def pretrain(args, command="train.py"):
            f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
            f"{ws} rank(s) on {device} | {'bf16' if bf16 else 'fp32'} | {'compiled' if compiled else 'eager'} | "
            f"attention: {raw_model.attention}{' (training length), sdpa elsewhere' if raw_model.attention == 'flex' else ''}")
-    eval_steps = max(1, args.eval_tokens // tokens_per_micro)
-    core, step, val_batches, val_split, val_tokens, evaluated, recompiles = None, start_step, None, None, None, False, 0
-    t_start = time.time()
+    core, step, val, evaluated, recompiles, t_start = None, start_step, None, False, [0], time.time()
 
     def watch_compiles(graphs_before, what):  # after the first step and the first evaluation: never again
-        nonlocal recompiles
         if compiled and compiled_graphs() > graphs_before:
-            recompiles += 1
+            recompiles[0] += 1
             print0(f"warning: {what}: torch.compile made a new graph (a recompile); TORCH_LOGS=recompiles says why")
+
     while True:
         last = step == num_iterations
         stop = last or step == args.stop_at_step
         if (args.eval_every > 0 and step % args.eval_every == 0) or last:
-            if val_batches is None:  # the same validation tokens every time
-                val_batches, val_split, val_tokens = validation_batches(tokenizer, args.data, args.device_batch_size, args.max_seq_len,
-                                                                        rank, ws, device, eval_steps, min(args.buffer_docs, 100),
-                                                                        args.skip_bad_rows)
+            if val is None:  # the same validation tokens every time: (batches, split, tokens)
+                val = validation_batches(tokenizer, args.data, args.device_batch_size, args.max_seq_len, rank, ws, device,
+                                         max(1, args.eval_tokens // tokens_per_micro), min(args.buffer_docs, 100), args.skip_bad_rows)
             model.eval()
-            graphs = compiled_graphs() if evaluated else math.inf
-            val_bpb = evaluate_bpb(model, val_batches, token_bytes, autocast_ctx)
+            graphs = compiled_graphs() if evaluated else math.inf  # this process's first evaluation compiles
+            state.val_bpb = evaluate_bpb(model, val[0], token_bytes, autocast_ctx)
             watch_compiles(graphs, f"step {step} evaluation")
             model.train()
             evaluated = True
-            min_val_bpb = val_bpb if min_val_bpb is None else min(min_val_bpb, val_bpb)
-            print0(f"step {step:05d} | val bpb {val_bpb:.4f}")
-            log({"step": step, "val_bpb": val_bpb})
+            state.min_val_bpb = state.val_bpb if state.min_val_bpb is None else min(state.min_val_bpb, state.val_bpb)
+            print0(f"step {step:05d} | val bpb {state.val_bpb:.4f}")
+            log({"step": step, "val_bpb": state.val_bpb})
         if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
             save(step)  # before samples and CORE: a failure there must not cost the weights
         if master and args.sample_every > 0 and step % args.sample_every == 0 and step > 0:
-            raw_model.eval()
-            with autocast_ctx():
-                for s in sample_greedy(raw_model, tokenizer, SAMPLE_PROMPTS, device=device):
-                    print0(f"  sample: {s!r}")
-            raw_model.train()
+            print_samples(raw_model, tokenizer, device, autocast_ctx)
         if args.core_metric_every != 0 and ((args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > 0) or last):
-            raw_model.eval()
-            with autocast_ctx():
-                core = core_metric(raw_model, tokenizer, device, args.core_metric_max_per_task)
-            raw_model.train()
+            core = run_core(raw_model, tokenizer, device, autocast_ctx, args.core_metric_max_per_task)
             if core is not None:
                 log({"step": step, **core})
         if stop:
             break
 
-        # one optimizer step
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.time()
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_schedule(optimizer, lrm, muon_momentum(step))
         graphs = compiled_graphs() if step > start_step else math.inf
-        loss = train_step(model, optimizer, train_loader, grad_accum, autocast_ctx)
-        train_loader.prefetch()  # the next batch, packed while the device still works on this one
-        if ws > 1:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        loss = loss.item()  # syncs the device
-        dt = time.time() - t0
+        loss, dt = optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, muon_momentum(step), ws, device)
         watch_compiles(graphs, f"step {step}")
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
         if step > start_step:  # the first step of a run includes compilation and warmup
-            train_time, timed_steps = train_time + dt, timed_steps + 1
-        beta = 0.9  # smoothed, debiased loss
-        smooth_loss = beta * smooth_loss + (1 - beta) * loss
-        shown = smooth_loss / (1 - beta ** (step + 1))
+            state.train_time, state.timed_steps = state.train_time + dt, state.timed_steps + 1
+        state.smooth_loss = 0.9 * state.smooth_loss + 0.1 * loss
+        shown = state.smooth_loss / (1 - 0.9 ** (step + 1))  # debiased
         tok_per_s = args.total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_s / (peak * ws) if (peak and bf16) else None
-        eta = train_time / max(timed_steps, 1) * (num_iterations - step - 1)
+        eta = state.train_time / max(state.timed_steps, 1) * (num_iterations - step - 1)
         print0(f"step {step + 1:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {shown:.4f} | lrm {lrm:.2f} | "
                f"{dt * 1000:.0f}ms | {tok_per_s:,.0f} tok/s | mfu {f'{mfu:.1f}%' if mfu is not None else 'n/a'} | "
-               f"elapsed {_fmt_time(time.time() - t_start)} | eta {_fmt_time(eta)}")
+               f"elapsed {fmt_time(time.time() - t_start)} | eta {fmt_time(eta)}")
         log({"step": step, "loss": loss, "smooth_loss": shown, "lrm": lrm, "dt": dt, "tok_per_s": tok_per_s, "mfu": mfu,
-             "train_time": train_time})  # step = the update's index: its loss, its lr
+             "train_time": state.train_time})  # step = the update's index: its loss, its lr
         step += 1
 
     if master and step == num_iterations:
-        avg_tok_s = args.total_batch_size * timed_steps / train_time if train_time > 0 else None
+        avg_tok_s = args.total_batch_size * state.timed_steps / state.train_time if state.train_time > 0 else None
         avg_mfu = 100 * flops_per_token * avg_tok_s / (peak * ws) if (avg_tok_s and peak and bf16) else None
-        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "val_split": val_split,
-                  "val_tokens": val_tokens, **(core or {}),
-                  "mfu": avg_mfu, "tok_per_s": avg_tok_s, "training_time_s": train_time, "num_params": num_params, "num_scaling_params": num_scaling,
-                  "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations, "depth": args.depth,
-                  "flops_per_token": flops_per_token, "world_size": ws, "device": str(device), "dtype": "bf16" if bf16 else "fp32",
-                  "compiled": compiled, "attention": raw_model.attention, "recompiles": recompiles if compiled else None, **prov}
-        tok.write_report("base", report)
+        report = {"stage": "base", "tag": ckpt_dir.name, "val_bpb": state.val_bpb, "min_val_bpb": state.min_val_bpb,
+                  "val_split": val[1], "val_tokens": val[2], **(core or {}),
+                  "mfu": avg_mfu, "tok_per_s": avg_tok_s, "train_time_s": state.train_time, "num_params": num_params,
+                  "num_scaling_params": num_scaling, "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations,
+                  "depth": args.depth, "flops_per_token": flops_per_token, "world_size": ws, "device": str(device),
+                  "dtype": "bf16" if bf16 else "fp32", "compiled": compiled, "attention": raw_model.attention,
+                  "recompiles": recompiles[0] if compiled else None, **prov}
+        tok.write_section("base", report, merge=False)  # a new model: the old one's scores no longer apply
     if wandb_run is not None:
         wandb_run.finish()
-    return {"step": step, "val_bpb": val_bpb, "ckpt_dir": ckpt_dir}
+    return {"step": step, "val_bpb": state.val_bpb, "ckpt_dir": ckpt_dir}
+
+
+def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, momentum, ws, device) -> tuple:
+    """One optimizer step at the schedule's lr multiplier and momentum: (mean loss over ranks, seconds)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    set_schedule(optimizer, lrm, momentum)
+    loss = train_step(model, optimizer, loader, grad_accum, autocast_ctx)
+    loader.prefetch()  # the next batch, packed while the device still works on this one
+    if ws > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    loss = loss.item()  # syncs the device
+    return loss, time.time() - t0
+
+
+def print_samples(model, tokenizer, device, autocast_ctx):
+    """Greedy continuations of SAMPLE_PROMPTS: what the model says, at a glance."""
+    model.eval()
+    with autocast_ctx():
+        for s in sample_greedy(model, tokenizer, SAMPLE_PROMPTS, device=device):
+            print0(f"  sample: {s!r}")
+    model.train()
+
+
+def run_core(model, tokenizer, device, autocast_ctx, max_per_task) -> dict | None:
+    model.eval()
+    with autocast_ctx():
+        core = core_metric(model, tokenizer, device, max_per_task)
+    model.train()
+    return core
+
+
+def start_wandb(args):
+    """A wandb run when wandb is installed and --run names one; None otherwise (log.jsonl always)."""
+    if args.run == "dummy":
+        return None
+    try:
+        import wandb
+        return wandb.init(project="speedchat", name=args.run, config=vars(args), resume="allow")
+    except ImportError:
+        print0("wandb not installed: logging to log.jsonl only")
+        return None
+
+
+# ============================================================================= for the later stages
+# Plumbing the pretraining loop uses and chat_sft.py, chat_rl.py, engine.py, evals.py and serve.py import:
+# checkpoints (atomic, checksummed, sharded optimizer state), resume, run folders, compute setup, RNG.
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_root(source: str = "base") -> Path:
+    return tok.home() / "checkpoints" / source
+
+
+def step_dirs(ckpt_dir: Path) -> list:
+    """Finished checkpoints (step_NNNNNN folders), oldest first. Half-written .tmp folders are ignored."""
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
+
+
+def newest_tag(source: str) -> str | None:
+    """The tag under checkpoints/<source>/ whose last checkpoint is the newest; None if there is none."""
+    root = checkpoint_root(source)
+    tags = [d for d in root.iterdir() if d.is_dir() and step_dirs(d)] if root.is_dir() else []
+    return max(tags, key=lambda d: step_dirs(d)[-1].stat().st_mtime).name if tags else None
+
+
+def last_step(ckpt_dir) -> int | None:
+    dirs = step_dirs(Path(ckpt_dir))
+    return int(dirs[-1].name[5:]) if dirs else None
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointError(tok.DataError):
+    """A checkpoint file that is missing, damaged or does not fit: named in one line."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    """meta.json's own checksum: over its content without the checksums (so a flipped byte in any value shows)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "files"}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
+                    rank_state=None, keep_last: int = -1):
+    """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
+    when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
+    state_rank{r}.pt (loader position, RNG) from every rank; meta["files"] holds the sha256 of every
+    file (load_checkpoint verifies them). Called by all ranks together; with several nodes ckpt_dir
+    must be on a shared filesystem."""
+    ckpt_dir = Path(ckpt_dir)
+    final, tmp = ckpt_dir / f"step_{step:06d}", ckpt_dir / f".tmp_step_{step:06d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    mine = {"model.pt": model_state} if rank == 0 else {}
+    mine.update({f"optim_rank{rank}.pt": optim_state, f"state_rank{rank}.pt": rank_state})
+    sums = {}
+    for name, obj in mine.items():
+        if obj is not None:
+            torch.save(obj, tmp / name)
+            sums[name] = _sha256(tmp / name)  # read back: the checksum of what is on disk
+    if dist.is_initialized():
+        every = [None] * world_size
+        dist.all_gather_object(every, sums)
+        sums = {k: v for d in every for k, v in d.items()}
+    if rank == 0:
+        meta = {**meta, "files": dict(sorted(sums.items()))}
+        meta["files"]["meta.json"] = _meta_digest(meta)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+    _barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last > 0:
+            for old in step_dirs(ckpt_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=True):
+    """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last). Every file
+    read is checked against its sha256 in meta.json first; training_state=False (inference) reads only
+    model.pt and meta.json. A damaged or missing file is a CheckpointError naming it."""
+    ckpt_dir = Path(ckpt_dir)
+    step = last_step(ckpt_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    d = ckpt_dir / f"step_{step:06d}"
+    if not d.is_dir():
+        raise FileNotFoundError(f"no checkpoint {d}")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        sums = meta.get("files")  # None: a checkpoint from before checksums
+        assert isinstance(meta, dict) and (sums is None or sums.get("meta.json") == _meta_digest(meta)), "checksum mismatch"
+    except (OSError, ValueError, AssertionError, AttributeError) as e:
+        raise CheckpointError(f"{d / 'meta.json'}: damaged or missing ({type(e).__name__}: {e})") from None
+
+    def load(name, map_location):
+        path = d / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing")
+        if sums is not None and _sha256(path) != sums.get(name):
+            raise CheckpointError(f"{path}: damaged (its sha256 differs from the one in meta.json)")
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # truncated, not a torch file, a pickle of something else, ...
+            first = str(e).strip().split("\n")[0].split(". ")[0][:200]  # torch's advice to drop weights_only is not ours
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
+    model_state = load("model.pt", device)
+    optim_state = rank_state = None
+    if training_state and (d / f"optim_rank{rank}.pt").exists():
+        optim_state = load(f"optim_rank{rank}.pt", device)
+    if training_state and (d / f"state_rank{rank}.pt").exists():
+        rank_state = load(f"state_rank{rank}.pt", "cpu")
+    return model_state, optim_state, rank_state, meta
+
+
+def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None):
+    """(model in eval mode, tokenizer, meta) from checkpoints/<source>/<tag>/; tag None = the tag with
+    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with."""
+    root = checkpoint_root(source)
+    tag = tag or newest_tag(source)
+    if tag is None:
+        raise FileNotFoundError(f"no {source} checkpoints under {root}")
+    step = last_step(root / tag) if step is None else step
+    model_state, _, _, meta = load_checkpoint(root / tag, step, device, training_state=False)
+    tokenizer = tokenizer or tok.get_tokenizer()
+    check_tokenizer(meta, tokenizer, root / tag)
+    d = root / tag / f"step_{step:06d}"
+    with restoring(d / "meta.json", "model config"):
+        model = GPT(GPTConfig(**meta["model_config"]).validate())
+    with restoring(d / "model.pt", "weights"):
+        model.load_state_dict(model_state)
+    return model.to(device).eval(), tokenizer, meta
+
+
+@contextlib.contextmanager
+def restoring(path: Path, what: str):
+    """Turn an error while restoring `what` from a checkpoint file into a CheckpointError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot restore the {what} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e!r})") from None
+
+
+def check_tokenizer(meta, tokenizer, where):
+    if meta.get("tokenizer_hash") != tokenizer.hash:
+        raise ValueError(f"{where}: checkpoint was trained with tokenizer {meta.get('tokenizer_hash')}, "
+                         f"but the current tokenizer is {tokenizer.hash}; use the matching tokenizer")
+
+
+def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict, device, rank: int, ws: int,
+                model, optimizer, loader=None) -> dict:
+    """--resume: restore model, optimizer, loader (when given) and RNG from the last checkpoint of
+    ckpt_dir and return its meta, after refusing whatever would not continue the same run: no
+    checkpoint, another tokenizer or model config, another world size (the optimizer state is sharded),
+    other run settings (meta[section] vs settings), no optimizer or rank state for this rank, a state
+    that does not fit (named by file)."""
+    step = last_step(ckpt_dir)
+    if step is None:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}")
+    model_state, optim_state, rank_state, meta = load_checkpoint(ckpt_dir, step, device, rank)
+    try:
+        check_tokenizer(meta, tokenizer, ckpt_dir)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
+    changed = lambda old, new: {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}  # noqa: E731
+    if meta["model_config"] != asdict(config):
+        raise SystemExit(f"--resume: {ckpt_dir} has an incompatible model config (checkpoint vs now): "
+                         f"{changed(meta['model_config'], asdict(config))}")
+    if meta.get("world_size") != ws:
+        raise SystemExit(f"--resume: {ckpt_dir} was written by {meta.get('world_size')} ranks, now {ws} (sharded optimizer state)")
+    if diff := changed(meta.get(section, {}), settings):
+        raise SystemExit(f"--resume: {ckpt_dir} was trained with other settings (checkpoint vs now): {diff}")
+    if optim_state is None or rank_state is None:
+        raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
+    d = ckpt_dir / f"step_{step:06d}"
+    with restoring(d / "model.pt", "weights"):
+        model.load_state_dict(model_state)
+    with restoring(d / f"optim_rank{rank}.pt", "optimizer state"):
+        optimizer.load_state_dict(optim_state)
+    with restoring(d / f"state_rank{rank}.pt", "loader position and RNG state"):
+        if loader is not None:
+            loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"], device)
+    return meta
+
+
+def prepare_run_dir(ckpt_dir: Path, log_path: Path, resume: bool, overwrite: bool, start_step: int, master: bool):
+    """After a resume was loaded (or not): refuse to clobber another run's checkpoints, clear a fresh
+    run's stale checkpoints and log, and drop log lines from beyond a resume point."""
+    if not resume and last_step(ckpt_dir) is not None and not overwrite:
+        raise SystemExit(f"--tag {ckpt_dir.name}: {ckpt_dir} already has checkpoints (last step {last_step(ckpt_dir)}); "
+                         f"pass --resume to continue, --overwrite to start over, or another --tag")
+    if not resume and master and ckpt_dir.exists():
+        for d in step_dirs(ckpt_dir):
+            shutil.rmtree(d)
+        log_path.unlink(missing_ok=True)
+    _barrier()
+    if master and resume and log_path.exists():
+        keep = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start_step]
+        tok.atomic_write(log_path, "".join(l + "\n" for l in keep))
+
+
+def append_jsonl(path: Path, entry: dict):
+    """One line of a run's log.jsonl (the report card reads these)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------- compute setup
+
+def compute_init(device_arg="auto"):
+    """(rank, local_rank, world_size, device). Under torchrun: NCCL on CUDA, gloo on CPU."""
+    ws = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ws > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", **({"device_id": device} if use_cuda else {}))
+    return rank, local_rank, ws, device
+
+
+def use_bf16(device) -> bool:
+    """Every stage's precision rule: bf16 autocast on CUDA SM80+ (master weights stay fp32), fp32 elsewhere
+    (older GPUs have no fast bf16, and evaluation must see the precision training saw)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def autocast(device, bf16: bool | None = None):
+    """The context one forward runs in: bf16 autocast where use_bf16(device) (or bf16=True), else none."""
+    on = use_bf16(device) if bf16 is None else bf16
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process: after a run's first step and first evaluation the
+    count should never grow again (a recompile per step is a silent slowdown)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def provenance(device, world_size: int, command: str) -> dict:
+    """Where a run's figures come from, kept in its checkpoints and its report: the code (git commit, and
+    whether tracked files differed from it), the command and launcher, torch and CUDA, the GPUs."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cuda = device.type == "cuda"
+    return {"git_commit": commit or "unknown", "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+            "command": command,
+            "launcher": f"torchrun, {world_size // per_node} node(s) x {per_node}" if "TORCHELASTIC_RUN_ID" in os.environ else "python",
+            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "gpu": torch.cuda.get_device_name(device) if cuda else "none", "gpu_count": world_size if cuda else 0,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def peak_flops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate()}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Measures, on a model with random weights (speed does not depend on the weights):
   decode tokens/s      Engine.generate at each --batch-sizes, tokens after the first / time after the
                        first (the whole engine: sampling, the tool state machine, host sync), and the
                        bare model forward on the same cache, to show what the Python loop costs
-  tool calls           the arithmetic fast path (in-process AST) against a sandbox process
+  tool calls           the arithmetic fast path (in-process AST) against a sandbox process, and a
+                       sandbox process running a program that imports random and statistics
 The model is prepared as serve.py and the chat CLI load it (engine.for_inference: bf16 weights on a
 bf16 GPU). On CUDA, decode at batch 1 is compared with its memory-bandwidth floor: the bytes a step
 must read (every weight, and the KV cache half-way through the decode) over the device's bandwidth.
@@ -35,6 +36,9 @@ import train
 # HBM bandwidth by device-name substring, bytes/s (datasheets; first match wins)
 PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H800", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
                   ("A100", 1.555e12), ("L40S", 0.864e12), ("L4", 0.3e12), ("A10G", 0.6e12)]
+
+
+STDLIB_PROGRAM = "import random, statistics\nstatistics.mean(random.Random(0).random() for _ in range(100))"
 
 
 class StubTokenizer:
@@ -111,7 +115,7 @@ def main():
     if args.compile:
         model = torch.compile(model, dynamic=True)
     eng = engine.Engine(model, StubTokenizer(args.vocab_size), tool=None)
-    dtype = "bf16" if engine.use_bf16(device) else "fp32"
+    dtype = "bf16" if train.use_bf16(device) else "fp32"
     name = torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads"
     print(f"device {name} | {dtype} | depth {cfg.n_layer} n_embd {cfg.n_embd} heads {cfg.n_head}/{cfg.n_kv_head} "
           f"vocab {cfg.vocab_size} | {nparams / 1e6:.1f}M params | prompt {args.prompt_len} | decode {args.decode_tokens}")
@@ -122,7 +126,7 @@ def main():
     # prefill
     ids = torch.tensor([prompt], device=device)
     def prefill():
-        with torch.inference_mode(), engine.autocast_for(device):
+        with torch.inference_mode(), train.autocast(device):
             model(ids, kv_cache=engine.KVCache(1, cfg.n_layer, args.prompt_len))
     prefill()  # warm up (allocator, kernels, compilation)
     t = median_time(prefill, device, args.repeats)
@@ -147,7 +151,7 @@ def main():
                 rates.append(B * (len(stamps) - 1) / (stamps[-1] - stamps[0]))
         rate = statistics.median(rates)
         kv = engine.KVCache(B, cfg.n_layer, args.prompt_len + args.decode_tokens + 1)
-        with torch.inference_mode(), engine.autocast_for(device):
+        with torch.inference_mode(), train.autocast(device):
             kv1 = engine.KVCache(1, cfg.n_layer, args.prompt_len)
             model(ids, kv_cache=kv1)
             kv.copy_from(kv1)
@@ -178,6 +182,9 @@ def main():
     figures["tool_fast_path_us"] = round(fast * 1e6, 2)
     figures["tool_sandbox_ms"] = round(slow * 1e3, 2)
     print(f"tool call            fast path {fast * 1e6:.1f} us, sandbox process {slow * 1e3:.1f} ms ({slow / fast:,.0f}x)")
+    stdlib = statistics.median(timeit.repeat(lambda: engine.execute_code(STDLIB_PROGRAM), number=1, repeat=20))
+    figures["tool_sandbox_stdlib_ms"] = round(stdlib * 1e3, 2)
+    print(f"                     a program importing random and statistics: {stdlib * 1e3:.1f} ms")
     print(json.dumps(figures))
 
 

@@ -135,7 +135,7 @@ def main():
         res, dt = timed(lambda: evals.evaluate_core(model, tokenizer, device, mpt, bundle=bundle, batch_tokens=args.batch_tokens), device)
     figs["core_items_per_s"], figs["core_tokens_per_s"] = n_items / dt, n_tokens / dt
     print(f"CORE: {n_items} items over {len(tasks)} tasks in {dt:.2f}s = {n_items / dt:.1f} items/s, "
-          f"~{n_tokens / dt:,.0f} tokens/s (CORE {res['core_metric']:.4f})")
+          f"~{n_tokens / dt:,.0f} tokens/s (CORE {res['CORE']:.4f})")
 
     cat = Lettered(args.cat_items)
     evals.evaluate_chat_task(model, tokenizer, cat[:8], device)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/gpu.sh: everything one GPU can show, in about 8 minutes with compilation (bench/METHOD.md says
+# bench/gpu.sh: everything one GPU can show, sized for 8 minutes with compilation (bench/METHOD.md says
 # what each figure is and how it is measured). No network needed.
 #
 #   bash bench/gpu.sh [--data PATH] [--out DIR] [--only step,step]   # one CUDA GPU

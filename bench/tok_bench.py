@@ -10,7 +10,7 @@ worker process). Slices are whole documents in file order from the corpus minus 
 documents, which are held out for bytes-per-token. MB = 10^6 UTF-8 bytes. Needs `pip install
 rustbpe tokenizers` for the peers (skipped with a notice when missing).
 """
-import argparse, gzip, json, os, resource, subprocess, sys, time
+import argparse, gzip, json, resource, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ memory and compile time (the first step minus a steady one) on CUDA; then one JS
 and optimizer are compiled as train.py compiles them (fullgraph, flex attention, Muon's
 orthogonalization), so a train.py run of the same shapes finds the compiled graphs in torch's cache.
 """
-import argparse, contextlib, json, os, sys, time
+import argparse, contextlib, json, sys, time
 from pathlib import Path
 
 import torch

@@ -1,9 +1,6 @@
 """engine.py: sandbox containment, the arithmetic fast path, sampling, the KV cache, streaming,
 the tool-use state machine (with a scripted fake model), and KV-cache decoding against a full
 forward pass of real random models (fp32, CPU)."""
-import os
-import subprocess
-import time
 import types
 
 import pytest

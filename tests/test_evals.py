@@ -273,7 +273,7 @@ def test_core_accuracy_with_a_fake_model(core_setup):
     assert res["results"] == pytest.approx({"mc_task": expect, "schema_task": expect, "lm_task": expect})
     cent = [(expect - 0.25) / 0.75, (expect - 0.5) / 0.5, expect]
     assert res["centered"] == pytest.approx(dict(zip(["mc_task", "schema_task", "lm_task"], cent)))
-    assert res["core_metric"] == pytest.approx(sum(cent) / 3)
+    assert res["CORE"] == pytest.approx(sum(cent) / 3)
     # packing many rows per forward (and padding) or one row per forward gives the same answer
     one = evals.evaluate_core(model, t, "cpu", bundle=root, batch_tokens=1)
     assert one == res
@@ -366,7 +366,7 @@ def test_distributed_scoring_equals_one_process(core_setup, tmp_path):
     got = json.loads((tmp_path / "out.json").read_text())
     single = evals.evaluate_core(model, t, "cpu", bundle=root)
     assert got["core"]["results"] == pytest.approx(single["results"])
-    assert got["core"]["core_metric"] == pytest.approx(single["core_metric"])
+    assert got["core"]["CORE"] == pytest.approx(single["CORE"])
     assert got["chat"] == pytest.approx(evals.evaluate_chat_task(LetterModel(t), t, ListTask(t), "cpu")) == 0.6
 
 
@@ -658,11 +658,11 @@ def test_report_with_missing_sections(tmp_path):
     out = evals.assemble_report()  # nothing at all: dashes, no crash
     text = out.read_text()
     assert "## Base model\n\n-" in text and "| CORE | - | - | - | - |" in text and "## Loss curves\n\n-" in text
-    tok.write_report("tokenizer", {"vocab_size": 600, "train_seconds": 1800})
-    tok.write_report("base", {"val_bpb": 0.91, "CORE_subsample": 0.31, "CORE_subsample_items": 2000, "mfu": 40.5,
-                              "training_time_s": 5400, "world_size": 8})
-    evals.write_section("sft", {"ARC-Easy": 0.4, "ChatCORE": 0.1})
-    evals.write_section("sft", {"GSM8K": 0.05, "ToyFacts": 0.7})  # merged, not replaced
+    tok.write_section("tokenizer", {"vocab_size": 600, "train_time_s": 1800})
+    tok.write_section("base", merge=False, data={"val_bpb": 0.91, "CORE_subsample": 0.31, "CORE_subsample_items": 2000, "mfu": 40.5,
+                              "train_time_s": 5400, "world_size": 8})
+    tok.write_section("sft", {"ARC-Easy": 0.4, "ChatCORE": 0.1})
+    tok.write_section("sft", {"GSM8K": 0.05, "ToyFacts": 0.7})  # merged, not replaced
     (tok.home() / "report" / "rl.json").write_text("{torn")  # a broken section shows as missing
     log = tok.home() / "checkpoints" / "base" / "d4" / "log.jsonl"
     log.parent.mkdir(parents=True)
@@ -672,7 +672,7 @@ def test_report_with_missing_sections(tmp_path):
     assert "| CORE, every item | not measured: run `evals.py core --source base` (a subsample gave 0.3100: not a leaderboard figure) |" in text
     assert "| beats GPT-2 1.5B (CORE > 0.256525) | - |" in text and "| training time (optimizer steps only) | 1h30m (5,400 s) |" in text
     assert "Estimated cost" not in text  # no section says it ran on a GPU: no cost
-    evals.write_section("base", {"CORE": 0.2612, "CORE_tasks": 22, "CORE_items": 91037, "gpu": "NVIDIA H100 80GB HBM3",
+    tok.write_section("base", {"CORE": 0.2612, "CORE_tasks": 22, "CORE_items": 91037, "gpu": "NVIDIA H100 80GB HBM3",
                                  "gpu_count": 8, "git_commit": "abc123", "git_dirty": True, "command": "train.py --depth 24",
                                  "launcher": "torchrun, 1 node(s) x 8", "torch": "2.11.0", "cuda": "13.0"})
     text = evals.assemble_report(gpu_hour_cost=2.0).read_text()
@@ -785,4 +785,4 @@ def test_report_plots_loss_when_matplotlib_is_there(monkeypatch):
     log.parent.mkdir(parents=True)
     log.write_text("".join(json.dumps({"step": s, "loss": 1 / (s + 1)}) + "\n" for s in range(5)))
     text = evals.assemble_report().read_text()
-    assert "![loss](loss.png)" in text and (tok.home() / "report" / "loss.png").exists() and calls.count("plot") == 1
+    assert "![sft loss](loss_sft.png)" in text and (tok.home() / "report" / "loss_sft.png").exists() and calls.count("plot") == 1

@@ -68,7 +68,7 @@ def test_engine_decode_in_bf16_matches_fp32(monkeypatch):
     import copy
     tokenizer = make_tokenizer(save=False)
     model = scramble(tiny_model(vocab_size=tokenizer.vocab_size, sequence_len=32, n_embd=256, n_head=2, n_kv_head=1)).eval()
-    monkeypatch.setattr(engine, "use_bf16", lambda device: True)  # as on a bf16 GPU: serve loads bf16 weights
+    monkeypatch.setattr(engine.train, "use_bf16", lambda device: True)  # as on a bf16 GPU: serve loads bf16 weights
     served = engine.for_inference(copy.deepcopy(model))
     assert all(p.dtype == torch.bfloat16 for p in served.parameters()) and served.rope_cos.dtype == torch.float32
     prompt = torch.tensor([tokenizer.encode("the cat sat on the mat and then", prepend=tokenizer.bos_id)])

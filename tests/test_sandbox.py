@@ -4,7 +4,7 @@ did (no secret in the answer, every outside file intact, the victim process aliv
 made). Most cases first undo the Python-level guards (RECOVER), so what holds is the kernel's layers.
 The suite runs as the current user and, when the tests run as root, again with the caller itself
 unprivileged (uid 65534, the sandbox's own path for an unprivileged server)."""
-import dataclasses, json, os, secrets, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+import dataclasses, json, os, secrets, shutil, socket, subprocess, sys, tempfile, threading, time
 
 import pytest
 

@@ -243,10 +243,10 @@ def test_loader_best_fit_crops_only_when_nothing_fits():
     from _helpers_train import ByteTokenizer
     loader = train.TokenLoader(ByteTokenizer(), "unused", "train", batch_size=1, seq_len=7, buffer_docs=0)
     for n in (3, 5, 9):  # documents of 3, 5 and 9 tokens; rows of 8
-        loader._insert(np.full(n, n, dtype=np.int32))
+        loader.buffer.add(n, np.full(n, n, dtype=np.int32))
     assert loader._row().tolist() == [5] * 5 + [3] * 3  # longest that fits, then the 3 fills the gap
     assert loader._row().tolist() == [9] * 8            # nothing fits an empty row: crop
-    assert loader.docs == []
+    assert loader.buffer.items == []
 
 
 def test_loader_ranks_never_share_a_document(tmp_path):
@@ -474,7 +474,7 @@ def test_core_metric_through_evals_or_a_notice(corpus, monkeypatch, capsys, spee
     assert "CORE: evals.py not found, skipping" in capsys.readouterr().out
     calls = []
     fake = types.SimpleNamespace(core_report=evals.core_report, evaluate_core=lambda model, tokenizer, device, max_per_task:
-                                 calls.append(max_per_task) or {"core_metric": 0.125, "results": {"t": 0.5}, "items": 7, "all_items": 9})
+                                 calls.append(max_per_task) or {"CORE": 0.125, "results": {"t": 0.5}, "items": 7, "all_items": 9})
     monkeypatch.setitem(sys.modules, "evals", fake)
     train.main(args + ["--tag", "b", "--core-metric-max-per-task", "7"])
     assert calls == [7]
