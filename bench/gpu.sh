@@ -73,7 +73,7 @@ race() {  # the d12 race: as many steps of 32 x 2048 tokens as train_d12's step 
       --num-iterations "$iters" --eval-every -1 --sample-every -1 --core-metric-every 0 --save-every -1 --keep-last 1 \
       --tag race --overwrite --device "$DEV" || return 1
   "$PY" -c 'import json, tok; r = json.load(open(tok.home() / "report" / "base.json"))
-print(json.dumps({k: r.get(k) for k in ("val_bpb", "training_time_s", "num_iterations", "tokens", "tok_per_s", "mfu", "recompiles", "attention", "dtype")}))'
+print(json.dumps({k: r.get(k) for k in ("val_bpb", "train_time_s", "num_iterations", "tokens", "tok_per_s", "mfu", "recompiles", "attention", "dtype")}))'
 }
 
 if [ -z "$DATA" ] || [ ! -e "$DATA" ]; then echo "bench/gpu.sh: no --data (${DATA:-none found}); tokenizer and race_d12 will fail"; fi
@@ -107,7 +107,7 @@ for name, r in steps.items():
         rows.append((name, f"{c['config']}: {c['tok_s']:,.0f} tok/s, {c['ms']:.0f} ms/step, MFU {f(c['mfu'], '.1f', '%')}, "
                            f"peak memory {f(c['peak_mem_gb'], '.1f', ' GB')}, compile {f(c['compile_s'], '.0f', ' s')}, {c['attention']}"))
     elif name == "race_d12":
-        rows.append((name, f"val bpb {f(r['val_bpb'], '.4f')} after {f(r['training_time_s'], '.0f')} s of training "
+        rows.append((name, f"val bpb {f(r['val_bpb'], '.4f')} after {f(r['train_time_s'], '.0f')} s of training "
                            f"({r['num_iterations']} steps, {r['tokens']:,} tokens, MFU {f(r['mfu'], '.1f', '%')}, recompiles {f(r['recompiles'], 'd')})"))
     elif name == "decode_d20":
         rows.append((name, f"batch 1: {r['decode_b1_tok_s']:,.1f} tok/s (floor {f(r.get('decode_b1_floor_tok_s'), ',.0f')}, "

@@ -106,6 +106,7 @@ def test_gpu_bench_dry_run_runs_every_step_and_survives_a_failing_one(tmp_path):
     assert list(steps) == ["tokenizer", "train_d12", "race_d12", "decode_d20", "core", "train_d20", "train_d24"]
     assert not [name for name, s in steps.items() if "error" in s], steps
     assert 0 < steps["race_d12"]["val_bpb"] < 8 and steps["race_d12"]["num_iterations"] >= 2
+    assert steps["race_d12"]["train_time_s"] > 0  # the base section's duration key, as the report reads it
     assert steps["train_d12"]["configs"][0]["tok_s"] > 0 and steps["decode_d20"]["decode_b16_tok_s"] > 0
     assert steps["core"]["core_items_per_s"] > 0 and summary["dry_run"] is True
     assert "| race_d12 | val bpb " in ok.stdout
