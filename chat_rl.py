@@ -157,7 +157,7 @@ def step_totals(groups, device, ws):
 def policy_update(model, optimizer, groups, num_tokens, lrm, step, batch_rows, device, ws) -> float:
     """2) One policy-gradient step on this rank's groups at learning-rate multiplier lrm; returns the
     step's loss, summed over ranks."""
-    train.set_schedule(optimizer, lrm, train.muon_momentum(step, warmup_steps=0))
+    train.set_schedule(optimizer, lrm, train.muon_momentum(step))
     loss = torch.zeros((), dtype=torch.float64, device=device)
     for seqs, masks, r in groups:
         loss += pg_backward(model, seqs, masks, advantages(r), max(num_tokens, 1.0), device, batch_rows, ws)

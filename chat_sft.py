@@ -522,7 +522,7 @@ def finetune(args):
         if stop:
             break
         lrm = train.lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        loss, dt, n_tok = optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, ws, device)
+        loss, dt, n_tok = optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, train.muon_momentum(step), ws, device)
         if not math.isfinite(loss):
             raise SystemExit(f"step {step}: loss is {loss}; stopping (the last good checkpoint in {ckpt_dir} is kept)")
         if step > start_step:  # the first step of a run includes compilation and warmup
@@ -564,12 +564,12 @@ def make_loader(args, mixture, tokenizer, T, rank, ws, device):
     return loader, args.num_iterations if args.num_iterations > 0 else max(1, one_pass)
 
 
-def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, ws, device) -> tuple:
-    """One step at the schedule's lr multiplier: (loss, seconds, target tokens on all ranks, approximately)."""
+def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, momentum, ws, device) -> tuple:
+    """One step at the schedule's lr multiplier and Muon momentum: (loss, seconds, target tokens on all ranks, approximately)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.time()
-    train.set_schedule(optimizer, lrm, train.muon_momentum(0, warmup_steps=0))
+    train.set_schedule(optimizer, lrm, momentum)
     batches = [loader.next_batch() for _ in range(grad_accum)]
     n_tok = sum(int((y >= 0).sum()) for _, y in batches) * ws
     loss = float(train_step(model, optimizer, batches, ws, autocast_ctx))

@@ -465,10 +465,11 @@ def lr_multiplier(step: int, num_iterations: int, warmup_ratio=0.0, warmdown_rat
     return progress + (1 - progress) * final_lr_frac
 
 
-def muon_momentum(step: int, warmup_steps: int = 300) -> float:
-    """Muon's momentum, 0.85 -> 0.95 over pretraining's first 300 steps, while a random model's gradients
-    turn fast. The fine-tuning stages start from a trained model: warmup_steps=0, 0.95 from their first step."""
-    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+def muon_momentum(step: int) -> float:
+    """Muon's momentum, 0.85 -> 0.95 over a run's first 300 steps. Every stage, fine-tuning included, starts
+    its optimizer with empty momentum buffers and warms up the same way (fine-tuning at 0.95 from its first
+    step learnt less: BENCHMARKS.md, issue 20)."""
+    frac = min(step / 300, 1.0)
     return (1 - frac) * 0.85 + frac * 0.95
 
 
