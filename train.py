@@ -942,11 +942,12 @@ def pretrain(args, command="train.py"):
            f"({num_iterations * args.total_batch_size / num_scaling:.1f} per scaling param) | grad accum {grad_accum} | "
            f"{ws} rank(s) on {device} | {'bf16' if bf16 else 'fp32'} | {'compiled' if compiled else 'eager'} | "
            f"attention: {raw_model.attention}{' (training length), sdpa elsewhere' if raw_model.attention == 'flex' else ''}")
-    core, step, val, evaluated, recompiles, t_start = None, start_step, None, False, [0], time.time()
+    core, step, val, evaluated, recompiles, t_start = None, start_step, None, False, 0, time.time()
 
     def watch_compiles(graphs_before, what):  # after the first step and the first evaluation: never again
+        nonlocal recompiles
         if compiled and compiled_graphs() > graphs_before:
-            recompiles[0] += 1
+            recompiles += 1
             print0(f"warning: {what}: torch.compile made a new graph (a recompile); TORCH_LOGS=recompiles says why")
 
     while True:
@@ -968,9 +969,12 @@ def pretrain(args, command="train.py"):
         if stop or (args.save_every > 0 and step % args.save_every == 0 and step > start_step):
             save(step)  # before samples and CORE: a failure there must not cost the weights
         if master and args.sample_every > 0 and step % args.sample_every == 0 and step > 0:
-            print_samples(raw_model, tokenizer, device, autocast_ctx)
+            with evaluating(raw_model, autocast_ctx):
+                for s in sample_greedy(raw_model, tokenizer, SAMPLE_PROMPTS, device=device):
+                    print0(f"  sample: {s!r}")
         if args.core_metric_every != 0 and ((args.core_metric_every > 0 and step % args.core_metric_every == 0 and step > 0) or last):
-            core = run_core(raw_model, tokenizer, device, autocast_ctx, args.core_metric_max_per_task)
+            with evaluating(raw_model, autocast_ctx):
+                core = core_metric(raw_model, tokenizer, device, args.core_metric_max_per_task)
             if core is not None:
                 log({"step": step, **core})
         if stop:
@@ -1005,7 +1009,7 @@ def pretrain(args, command="train.py"):
                   "num_scaling_params": num_scaling, "tokens": num_iterations * args.total_batch_size, "num_iterations": num_iterations,
                   "depth": args.depth, "flops_per_token": flops_per_token, "world_size": ws, "device": str(device),
                   "dtype": "bf16" if bf16 else "fp32", "compiled": compiled, "attention": raw_model.attention,
-                  "recompiles": recompiles[0] if compiled else None, **prov}
+                  "recompiles": recompiles if compiled else None, **prov}
         tok.write_section("base", report, merge=False)  # a new model: the old one's scores no longer apply
     if wandb_run is not None:
         wandb_run.finish()
@@ -1026,21 +1030,16 @@ def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, mome
     return loss, time.time() - t0
 
 
-def print_samples(model, tokenizer, device, autocast_ctx):
-    """Greedy continuations of SAMPLE_PROMPTS: what the model says, at a glance."""
+@contextlib.contextmanager
+def evaluating(model, autocast_ctx):
+    """A measurement in the middle of training (samples, CORE): eval mode at the run's precision, then
+    train mode again."""
     model.eval()
-    with autocast_ctx():
-        for s in sample_greedy(model, tokenizer, SAMPLE_PROMPTS, device=device):
-            print0(f"  sample: {s!r}")
-    model.train()
-
-
-def run_core(model, tokenizer, device, autocast_ctx, max_per_task) -> dict | None:
-    model.eval()
-    with autocast_ctx():
-        core = core_metric(model, tokenizer, device, max_per_task)
-    model.train()
-    return core
+    try:
+        with autocast_ctx():
+            yield
+    finally:
+        model.train()
 
 
 def start_wandb(args):
