@@ -316,7 +316,8 @@ def polar_express(G, steps: int = 5):
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
     for a, b, c in POLAR_EXPRESS[:steps]:
         A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)   # b*A + c*A@A: the scaling rides in the matmul's epilogue,
+        X = torch.baddbmm(X, B, X, beta=a)            # a*X + B@X; compiled, no elementwise kernel is left
     return X.mT if tall else X
 
 

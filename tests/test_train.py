@@ -176,7 +176,7 @@ def _spawn(fn_name, args, world_size=2):
 
 
 # a GPU-like aspect: head_dim 128, GQA, several layers (3: odd Muon groups leave a rank padding)
-GPU_ASPECT = dict(n_layer=3, n_head=4, n_kv_head=2, n_embd=512, window_pattern="SSSL")
+GPU_ASPECT = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=256, window_pattern="SSSL")
 
 
 @pytest.mark.parametrize("config", [{}, GPU_ASPECT], ids=["tiny", "head_dim_128_gqa"])
