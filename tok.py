@@ -914,14 +914,15 @@ def _check_conversation(messages):
                     raise ValueError(f"message {i} part {j}: expected {{'type': text|python|python_output, 'text': str}}, got {str(part)[:80]}")
         elif not isinstance(c, str):
             raise ValueError(f"message {i}: content must be a string or a list of parts")
-    if messages[0]["role"] == "system":
+    merged = messages[0]["role"] == "system"  # errors below name messages by their index as given
+    if merged:
         if len(messages) < 2 or messages[1]["role"] != "user":
             raise ValueError("message 1: a system message must be followed by a user message")
         messages = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}] + messages[2:]
     for i, m in enumerate(messages):
         want = "user" if i % 2 == 0 else "assistant"
         if m["role"] != want:
-            raise ValueError(f"message {i}: expected role {want} (turns alternate user, assistant, ...), got {m['role']}")
+            raise ValueError(f"message {i + merged}: expected role {want} (turns alternate user, assistant, ...), got {m['role']}")
     return messages
 
 
