@@ -7,6 +7,8 @@ chat_sft.py: midtraining and supervised finetuning. A base model becomes a chat 
   python chat_sft.py --stage sft --mixture toy                    # then sft on it
   torchrun --standalone --nproc_per_node=8 chat_sft.py --stage sft   # the same math on 8 GPUs
   python chat_sft.py --measure base,mid,sft --model-tag toy      # toy-world figures: facts, turn ends, tool calls
+  python chat_sft.py --stage sft --data my_chats.jsonl            # your own conversations (JSONL, parquet, a folder)
+  python chat_sft.py --stage sft --mixture default+my_chats.jsonl:3   # ... mixed in, 3 epochs of them
 
 Two stages, one file. mid starts from a base checkpoint and trains on every token of conversations
 packed best-fit into full rows, as in pretraining: it teaches the special tokens, tool use and
@@ -14,11 +16,16 @@ multiple choice. sft starts from mid (or base: --init-from base) with one conver
 padded, and a loss only where render_conversation's mask is 1 (what the assistant says).
 --total-batch-size counts tokens for mid (as train.py) and conversations (rows) for sft.
 
-Reads top to bottom: constants, the identity and SmolTalk tasks, the mixtures, the two loaders,
-the optimizer step, the loop, the toy-world measurement, the command line.
+--data reads a user's conversations in the OpenAI chat format; every one is checked before training
+starts, and a held-out share of them is measured at the start and the end (loss, exact turns, token F1).
+
+Reads top to bottom: constants, the identity and SmolTalk tasks, the mixtures, your own conversations,
+the two loaders, the optimizer step, the loop, the measurements (--data's held-out share, the toy world),
+the command line.
 """
-import argparse, contextlib, functools, math, random, time
+import argparse, collections, contextlib, functools, gzip, hashlib, json, math, random, time, zlib
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -184,13 +191,15 @@ MIXTURES = {
 }
 
 
-def build_mixture(name: str, stage: str, seed: int = 42) -> evals.TaskMixture:
-    """The stage's conversations of mixture `name`, shuffled together with a fixed seed; .rows says how
-    many each task gave (the report's record of what the stage trained on)."""
-    if name not in MIXTURES:
+def build_mixture(name: str | None, stage: str, seed: int = 42, chats=()) -> evals.TaskMixture:
+    """The stage's conversations of mixture `name` and of the user's (label, Chats, epochs) `chats`
+    (load_chats; name None: those alone), shuffled together with a fixed seed; .rows says how many each
+    task gave (the report's record of what the stage trained on)."""
+    if name is not None and name not in MIXTURES:
         raise SystemExit(f"--mixture {name}: unknown mixture; known: {', '.join(MIXTURES)}")
     tasks, rows = [], {}
-    for label, factory, *per_stage in MIXTURES[name]:
+    mine = [(label, lambda t=task: t, epochs, epochs) for label, task, epochs in chats]
+    for label, factory, *per_stage in (MIXTURES[name] if name else []) + mine:
         epochs = per_stage[0 if stage == "mid" else 1]
         if epochs <= 0:
             continue
@@ -200,10 +209,163 @@ def build_mixture(name: str, stage: str, seed: int = 42) -> evals.TaskMixture:
         if round(frac * len(task)) > 0:
             tasks.append(task[:round(frac * len(task))])
         rows[label] = round(epochs * len(task))
-    train.print0(f"mixture {name} ({stage}): " + " + ".join(f"{k} {v:,}" for k, v in rows.items()))
+    train.print0(f"mixture {name or '--data'} ({stage}): " + " + ".join(f"{k} {v:,}" for k, v in rows.items()))
     mixture = evals.TaskMixture(tasks, seed=seed)
     mixture.rows = rows
     return mixture
+
+
+# ----------------------------------------------------------------------------- your own conversations
+# --data PATH[:EPOCHS] (or a --mixture entry NAME+PATH:EPOCHS): a .jsonl / .jsonl.gz file of lines
+# {"messages": [{"role": "system"|"user"|"assistant", "content": str or assistant parts}, ...]}, a
+# .parquet file with a 'messages' column, or a folder of them. Every conversation is checked before the
+# model trains (tok.py's rules, as render_conversation applies them, and what training needs on top);
+# a held-out share of each source is measured instead of trained on.
+
+CHAT_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+VAL_SHARE = 0.05      # of each --data source held out (at least one conversation, from a source of two or more)
+HELDOUT_TURNS = 200   # held-out assistant turns generated (temperature 0) at the start and the end of the run
+HELDOUT_SLACK = 16    # generation budget past the reference's length: enough to see whether the turn ends
+
+
+class Chats(evals.Task):
+    """A user's conversations (read_chats: already checked), for training."""
+
+    def __init__(self, name, convs, **kw):
+        super().__init__(**kw)
+        self.name, self.convs = name, convs
+
+    def num_examples(self):
+        return len(self.convs)
+
+    def get_example(self, i):
+        return {"messages": self.convs[i]}
+
+    def evaluate(self, item, completion):
+        raise NotImplementedError("--data conversations are graded by heldout_check")
+
+
+def parse_sources(spec: str | None, data: list) -> tuple:
+    """(named mixture or None, [(path, epochs)]) of --mixture NAME+PATH[:EPOCHS]+... and --data PATH[:EPOCHS] ..."""
+    name, sources = None if spec or data else "default", []
+    for flag, part in [("--mixture", p) for p in (spec.split("+") if spec else [])] + [("--data", p) for p in data]:
+        if flag == "--mixture" and part in MIXTURES:
+            if name is not None:
+                raise SystemExit(f"--mixture {spec}: at most one named mixture ({name}, {part})")
+            name = part
+            continue
+        path, _, epochs = part.rpartition(":")
+        try:
+            path, epochs = (path, float(epochs)) if path else (part, 1.0)
+        except ValueError:
+            path, epochs = part, 1.0
+        if not Path(path).exists():
+            raise SystemExit(f"--mixture {part}: unknown mixture; known: {', '.join(MIXTURES)}; or a path to chats "
+                             f"(no such file or folder)" if flag == "--mixture" else f"--data {path}: no such file or folder")
+        if not (epochs > 0 and math.isfinite(epochs)):
+            raise SystemExit(f"{flag} {part}: EPOCHS must be a positive number")
+        sources.append((path, epochs))
+    return name, sources
+
+
+def _chat_rows(f: Path):
+    """(where, row) of every row of a file: a jsonl line (row tok._MISSING: not JSON), or a parquet row."""
+    if f.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(f)
+            column = pf.read(columns=["messages"]).column("messages").to_pylist() if "messages" in pf.schema_arrow.names else None
+        except Exception as e:
+            raise tok.DataError(f"{f}: not a readable parquet file ({e})") from None
+        if column is None:
+            raise tok.DataError(f"{f}: no 'messages' column")
+        yield from ((f"{f}: row index {i}", {"messages": m}) for i, m in enumerate(column))
+        return
+    try:
+        raw = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw[:e.start].count(b"\n") + 1
+        raise tok.DataError(f"{f}:{lineno}: not UTF-8 text (is it a binary file?)") from None
+    except (EOFError, OSError, zlib.error) as e:
+        raise tok.DataError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = tok._MISSING
+            yield f"{f}:{lineno}", row
+
+
+def conversation_problem(row, tokenizer, T: int) -> str | None:
+    """What makes one row unfit to train on (None: nothing): not an object with a 'messages' list, then
+    tok.py's rules (render_conversation: roles, their order, parts), then an empty message, no assistant
+    turn, or more tokens than a row of T + 1 holds (the loaders would crop it)."""
+    if row is tok._MISSING:
+        return "not JSON: expected an object with a 'messages' list"
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object with a 'messages' list"
+    messages = row.get("messages", tok._MISSING)
+    if not isinstance(messages, list):
+        return f"'messages' is {tok._described(messages)}, expected a list of messages"
+    try:
+        ids, _ = tokenizer.render_conversation(messages, max_tokens=1 << 62)
+    except ValueError as e:
+        return str(e)
+    for i, m in enumerate(messages):
+        if not "".join([m["content"]] if isinstance(m["content"], str) else [p["text"] for p in m["content"]]).strip():
+            return f"message {i}: empty content"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to learn"
+    if len(ids) > T + 1:
+        return f"the conversation is {len(ids)} tokens, longer than the context ({T + 1} tokens a row; --max-seq-len {T})"
+    return None
+
+
+def read_chats(path, tokenizer, T: int, skip_bad: bool = False) -> list:
+    """The message lists of a file or folder of chats, every one checked (conversation_problem): a bad row
+    is a DataError naming the file and the line (parquet: the row index), or with skip_bad one more
+    skipped, counted per file as tok.py's text reader counts them."""
+    path = Path(path)
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    files = [f for f in files if f.name.endswith(CHAT_SUFFIXES)]
+    if not files:
+        kinds = "/".join(CHAT_SUFFIXES)
+        raise tok.DataError(f"--data {path}: " + (f"no {kinds} files in it" if path.is_dir() else f"not a {kinds} file"))
+    convs = []
+    for f in files:
+        skipped = [0]
+        for where, row in _chat_rows(f):
+            what = conversation_problem(row, tokenizer, T)
+            if what is None:
+                convs.append(row["messages"])
+            else:
+                tok._bad_row(where, what, skip_bad, skipped)
+        if skipped[0]:
+            train.print0(f"{f}: skipped {skipped[0]} bad rows (--skip-bad-rows)")
+    if not convs:
+        raise tok.DataError(f"--data {path}: no conversations")
+    return convs
+
+
+def load_chats(sources, tokenizer, T: int, skip_bad: bool = False, val_share: float = VAL_SHARE) -> tuple:
+    """([(label, Chats, epochs)] to train on, held-out conversations) of parse_sources' sources. A source
+    of n >= 2 conversations gives max(1, round(val_share * n)) of them, spread evenly through it, to the
+    held-out share (none with val_share 0)."""
+    chats, heldout = [], []
+    for path, epochs in sources:
+        convs = read_chats(path, tokenizer, T, skip_bad)
+        k = max(1, round(val_share * len(convs))) if val_share > 0 and len(convs) > 1 else 0
+        picks = {round(i * len(convs) / k) for i in range(k)}
+        heldout += [c for i, c in enumerate(convs) if i in picks]
+        chats.append((str(path), Chats(str(path), [c for i, c in enumerate(convs) if i not in picks]), epochs))
+    return chats, heldout
+
+
+def chats_hash(chats) -> dict:
+    """label -> sha256 (16 hex digits) of the conversations a source trains on: --resume refuses other data."""
+    return {label: hashlib.sha256(json.dumps(task.convs, sort_keys=True).encode()).hexdigest()[:16] for label, task, _ in chats}
 
 
 # ----------------------------------------------------------------------------- the loaders
@@ -349,7 +511,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Midtraining and SFT (chat_sft.py)")
     a = p.add_argument
     a("--stage", choices=list(STAGES), help="mid (packed, every token) or sft (a row each, assistant tokens)")
-    a("--mixture", default="default", help=f"one of: {', '.join(MIXTURES)} (toy: offline)")
+    a("--mixture", default=None, help=f"one of: {', '.join(MIXTURES)} (toy: offline), optionally +PATH[:EPOCHS] of your own "
+      "chats, e.g. default+my_chats.jsonl:2 (default: default, or --data alone)")
+    a("--data", action="append", default=[], metavar="PATH[:EPOCHS]", help="your own conversations, OpenAI chat format: "
+      f"a {'/'.join(CHAT_SUFFIXES)} file ('messages' per line / column) or a folder of them; repeatable")
+    a("--skip-bad-rows", action="store_true", help="skip (and count) --data rows that fail the checks instead of stopping")
+    a("--val-share", type=float, default=VAL_SHARE, help="of each --data source held out, measured at the start and end "
+      "(validation loss, exact turns, token F1), at least one conversation; 0 = none")
     a("--init-from", default=None, help="base | mid: the checkpoint to start from (default: base for mid, mid for sft)")
     a("--model-tag", default=None, help="tag of that checkpoint (default: its newest)")
     a("--model-step", type=int, default=None, help="step of that checkpoint (default: its last)")
@@ -375,7 +543,8 @@ def parse_args(argv=None):
     a("--stop-at-step", type=int, default=-1, help="save and exit at this step (resume later)")
     # evaluation
     a("-a", "--eval-tasks", default=None,
-      help=f"chat tasks at the end, comma-separated, or 'none' (default: {EVAL_TASKS['default']}; toy: {EVAL_TASKS['toy']})")
+      help=f"chat tasks at the end, comma-separated, or 'none' (default: {EVAL_TASKS['default']}; toy: {EVAL_TASKS['toy']}; "
+      "--data alone: none)")
     a("--max-problems", type=int, default=-1, help="first N items of each eval task (-1 = all)")
     a("--max-new-tokens", type=int, default=512, help="generation budget of generative eval tasks")
     a("--measure", default=None, metavar="SOURCES",
@@ -393,12 +562,14 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every bad flag fails here with one line naming it, before any model, data or folder is touched."""
-    if args.mixture not in MIXTURES:
-        raise SystemExit(f"--mixture {args.mixture}: unknown mixture; known: {', '.join(MIXTURES)}")
+    args.mixture_name, args.chat_sources = parse_sources(args.mixture, args.data)
+    args.mixture = "+".join([args.mixture_name] * bool(args.mixture_name) + [f"{p}:{e:g}" for p, e in args.chat_sources])
+    if not 0 <= args.val_share <= 0.5:
+        raise SystemExit(f"--val-share {args.val_share}: must be in [0, 0.5]")
     for flag in ("device_batch_size", "total_batch_size", "buffer_convs"):
         if getattr(args, flag) < 1 and getattr(args, flag) != -1:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
-    d = {**STAGES[args.stage], **(TOY_BATCH[args.stage] if args.mixture == "toy" else {})}
+    d = {**STAGES[args.stage], **(TOY_BATCH[args.stage] if args.mixture_name == "toy" else {})}
     for k in ("init_from", "device_batch_size", "total_batch_size", "init_lr_frac", "warmdown_ratio"):
         if getattr(args, k) in (None, -1):
             # sft straight from base meets the special tokens for the first time: it needs mid's full rates
@@ -414,7 +585,7 @@ def check_args(args):
         raise SystemExit(f"--warmup-ratio {args.warmup_ratio} / --warmdown-ratio {args.warmdown_ratio}: each in [0, 1], sum <= 1")
     if args.keep_last == 0:
         raise SystemExit("--keep-last 0 would delete every checkpoint; use -1 to keep all")
-    args.eval_names = eval_task_names(args.eval_tasks, args.mixture)
+    args.eval_names = eval_task_names(args.eval_tasks if args.mixture_name or args.eval_tasks else "none", args.mixture_name)
 
 
 def eval_task_names(spec, mixture) -> list:
@@ -467,7 +638,8 @@ def finetune(args):
         raise SystemExit(f"--total-batch-size {args.total_batch_size} ({unit}) is not a multiple of --device-batch-size x "
                          f"{'' if sft else '--max-seq-len x '}world size = {per_micro}")
     grad_accum = args.total_batch_size // per_micro
-    mixture = build_mixture(args.mixture, args.stage, args.seed)
+    chats, heldout = load_chats(args.chat_sources, tokenizer, T, args.skip_bad_rows, args.val_share)  # all checked now
+    mixture = build_mixture(args.mixture_name, args.stage, args.seed, chats)
     loader, num_iterations = make_loader(args, mixture, tokenizer, T, rank, ws, device)
 
     torch.manual_seed(args.seed)
@@ -483,16 +655,19 @@ def finetune(args):
     train_meta = {"stage": args.stage, "mixture": args.mixture, "init_from": args.init_from, "source_tag": src_tag,
                   "source_step": src_meta.get("step"), "total_batch_size": args.total_batch_size,
                   "device_batch_size": args.device_batch_size, "max_seq_len": T, "num_iterations": num_iterations,
-                  "seed": args.seed}
+                  "seed": args.seed, **({"chats": chats_hash(chats), "val_share": args.val_share} if chats else {})}
 
     # resume: refuse anything that would not continue the same run (as train.py)
-    start_step, smooth_loss, train_time, last_loss = 0, 0.0, 0.0, None
+    start_step, smooth_loss, train_time, last_loss, heldout_start = 0, 0.0, 0.0, None, None
     if args.resume:
         meta = train.load_resume(ckpt_dir, config, tokenizer, "train", train_meta, device, rank, ws, model, optimizer, loader)
         start_step = meta["step"]
         smooth_loss, train_time, last_loss = meta["loop"]["smooth_loss"], meta["loop"]["train_time"], meta["loop"]["loss"]
+        heldout_start = meta["loop"].get("heldout_start")
         train.print0(f"resumed {ckpt_dir} at step {start_step}")
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
+    if heldout and start_step == 0:  # the held-out share before training, for the report's before/after
+        heldout_start = say_heldout("start", heldout_check(model, tokenizer, heldout, device, T, args.device_batch_size))
 
     raw_model = model
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
@@ -505,7 +680,7 @@ def finetune(args):
     def save(step):
         meta = {"step": step, "model_config": asdict(config), "tokenizer_hash": tokenizer.hash, "world_size": ws,
                 "train": train_meta, "args": {k: v for k, v in vars(args).items()},
-                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "loss": last_loss}}
+                "loop": {"smooth_loss": smooth_loss, "train_time": train_time, "loss": last_loss, "heldout_start": heldout_start}}
         rank_state = {"loader": loader.state_dict(), "rng": train.rng_state(device)}
         path = train.save_checkpoint(ckpt_dir, step, raw_model.state_dict(), optimizer.state_dict(), meta, rank, ws,
                                      rank_state, args.keep_last)
@@ -543,6 +718,13 @@ def finetune(args):
         if args.eval_names:
             results = evals.evaluate_chat(raw_model, tokenizer, device, [evals.get_task(n) for n in args.eval_names],
                                           args.max_problems, evals.engine_generate(raw_model, tokenizer, args.max_new_tokens))
+        if heldout:
+            end = say_heldout("end", heldout_check(raw_model, tokenizer, heldout, device, T, args.device_batch_size))
+            figures = {"heldout_conversations": end["conversations"], "heldout_turns": end["turns"]}
+            for k in ("val_loss", "exact_match", "token_f1"):
+                figures[f"heldout_{k}_start"], figures[f"heldout_{k}"] = (heldout_start or {}).get(k), end[k]
+            log({"step": step, **figures})
+            results = {**results, **figures}
         if master:
             tok.write_section(args.stage, {
                 "stage": args.stage, "tag": ckpt_dir.name, "mixture": args.mixture, "init_from": f"{args.init_from}/{src_tag}",
@@ -551,6 +733,12 @@ def finetune(args):
                 "train_time_s": train_time, "final_loss": last_loss, "smooth_loss": smooth_loss / (1 - 0.9 ** step) if step else None,
                 "world_size": ws, "device": str(device), **results})
     return {"step": step, "loss": last_loss, "ckpt_dir": ckpt_dir, "results": results}
+
+
+def say_heldout(when, r) -> dict:
+    train.print0(f"held-out --data at the {when}: {r['conversations']} conversations | val loss {r['val_loss']:.4f} | "
+                 f"{r['turns']} assistant turns at temperature 0: exact {r['exact_match']:.3f}, token F1 {r['token_f1']:.3f}")
+    return r
 
 
 def make_loader(args, mixture, tokenizer, T, rank, ws, device):
@@ -590,7 +778,45 @@ def estimate_tokens(mixture, tokenizer, T) -> int:
     return int(n * sum(lens) / max(len(lens), 1))
 
 
-# ----------------------------------------------------------------------------- the toy-world measurement
+# ----------------------------------------------------------------------------- the measurements: --data's held-out share, the toy world
+
+def token_f1(pred: list, ref: list) -> float:
+    """Overlap of two token lists as bags (SQuAD's F1): 2 x common / (len(pred) + len(ref)); 1 if both are empty."""
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    return 2 * common / (len(pred) + len(ref)) if pred or ref else 1.0
+
+
+@torch.no_grad()
+def heldout_check(model, tokenizer, convs, device, T: int, batch_size: int = 8, max_turns: int = HELDOUT_TURNS) -> dict:
+    """The held-out share of --data, as the report shows it. val_loss: the mean loss per assistant token (the
+    tokens SFT learns, whichever stage trains). For its first max_turns assistant turns, each prompted with the
+    conversation before it and generated at temperature 0 (evals.engine_generate): exact_match, the share
+    reproduced exactly (and ended), and token_f1, the mean token_f1 against the reference (both decoded
+    from tokens as rendered, so python calls count). Ranks split the work and sum."""
+    rank, world = evals._rank_world()
+    was_training = model.training
+    model.eval()
+    rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in convs]
+    loss = n = 0.0
+    for b in range(rank * batch_size, len(rendered), world * batch_size):
+        x, y = collate_sft(rendered[b:b + batch_size], tokenizer.bos_id)
+        with train.autocast(device):
+            loss += float(model(x.to(device), y.to(device), loss_reduction="sum"))
+        n += int((y >= 0).sum())
+    turns = [c[:k + 1] for c in convs for k, m in enumerate(c) if m["role"] == "assistant"][:max_turns]
+    exact = f1 = 0.0
+    for messages in turns[rank::world]:
+        prompt = tokenizer.render_for_completion(messages)
+        ref_ids = tokenizer.render_conversation(messages, max_tokens=1 << 62)[0][len(prompt):-1]  # <|assistant_end|> off
+        ref = tokenizer.decode(ref_ids)
+        text = evals.engine_generate(model, tokenizer, len(ref_ids) + 1 + HELDOUT_SLACK)(prompt)
+        exact += text == ref
+        f1 += token_f1(tokenizer.encode(text), tokenizer.encode(ref))
+    loss, n, exact, f1 = evals._all_reduce_sum([loss, n, exact, f1], device)
+    model.train(was_training)
+    return {"val_loss": loss / max(n, 1), "exact_match": exact / max(len(turns), 1), "token_f1": f1 / max(len(turns), 1),
+            "conversations": len(convs), "turns": len(turns)}
+
 
 @torch.no_grad()
 def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS) -> dict:
