@@ -223,6 +223,7 @@ def test_inference_reads_only_weights_and_metadata(ckpt, capsys):
     assert len(workers) == 1 and meta["step"] == 2
 
 
+@pytest.mark.heavy(3)
 @pytest.mark.parametrize("script, args", [("engine.py", ["chat", "--source", "base", "-p", "hi"]),
                                           ("serve.py", ["--source", "base", "--port", "0"]),
                                           ("train.py", None)])

@@ -3,6 +3,7 @@ report on the toy world, about 2 minutes on 2 cores), then what it learned, then
 an answer from the RL checkpoint to an OpenAI-style client."""
 import json, os, re, subprocess, sys
 
+import pytest
 import requests
 
 import evals
@@ -21,6 +22,7 @@ def sse_contents(resp):
     return out
 
 
+@pytest.mark.heavy(300)
 def test_smoke_pipeline_learns_and_serves(tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "SPEEDCHAT_HOME": str(home), "SPEEDCHAT_PYTHON": sys.executable}

@@ -689,6 +689,7 @@ def test_report_with_missing_sections(tmp_path):
         assert k in text
 
 
+@pytest.mark.heavy(7)
 def test_speedrun_full_core_path_on_a_tiny_model(tmp_path, speedchat_home):
     """The speedrun preset's last base-model stage (run.sh: `evals.py core --source base --tag $TAG`) on a
     tiny model trained here, with a tiny bundle in place, then the report's time-to-GPT-2 section."""

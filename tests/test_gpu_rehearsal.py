@@ -26,6 +26,7 @@ def _log(tag):
     return [json.loads(l) for l in (train.checkpoint_root("base") / tag / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.heavy(80)
 def test_compiled_bf16_training_matches_eager_fp32_without_breaks_or_recompiles(tmp_path, speedchat_home):
     make_tokenizer()
     corpus = str(make_corpus(tmp_path / "corpus.jsonl", 1100, max_words=20))
@@ -48,6 +49,7 @@ def test_compiled_bf16_training_matches_eager_fp32_without_breaks_or_recompiles(
     assert sum("val_bpb" in e for e in gpu) == 4 and sum("loss" in e for e in gpu) == 6
 
 
+@pytest.mark.heavy(40)
 def test_flex_attention_with_sliding_windows_compiled_forward_matches_sdpa():
     torch.manual_seed(0)
     model = scramble(tiny_model(sequence_len=64, n_embd=256, n_head=2, n_kv_head=1, window_pattern="SL")).eval()
@@ -90,6 +92,7 @@ def test_engine_decode_in_bf16_matches_fp32(monkeypatch):
     assert (out["bf16 weights"] - out["fp32"]).abs().max() < 0.05 * scale
 
 
+@pytest.mark.heavy(45)
 def test_gpu_bench_dry_run_runs_every_step_and_survives_a_failing_one(tmp_path):
     """bench/gpu.sh --dry-run: the GPU measurement's steps at tiny sizes on CPU, so the script cannot rot."""
     import os, subprocess, sys

@@ -47,6 +47,7 @@ def test_standin_rows_read_and_grade_as_the_real_ones(hub):
 
 
 @pytest.mark.rehearsal
+@pytest.mark.heavy(55)
 def test_rehearsal_runs_the_gpu_path_end_to_end(tmp_path):
     home = tmp_path / "home"
     env = {**os.environ, "SPEEDCHAT_HOME": str(home), "SPEEDCHAT_PYTHON": sys.executable}
@@ -113,6 +114,7 @@ def test_rehearsal_runs_the_gpu_path_end_to_end(tmp_path):
 
 
 @pytest.mark.rehearsal
+@pytest.mark.heavy(4)
 def test_a_failed_background_download_stops_the_run_with_its_error(tmp_path):
     """The shards after the first download in the background while the tokenizer trains: when that fails,
     run.sh says so (and why) instead of stopping without a word."""

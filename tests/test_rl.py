@@ -207,6 +207,7 @@ def _rank_main(rank, world_size, port, home, argv):
     exit_rank()
 
 
+@pytest.mark.heavy(6)
 def test_two_ranks_match_one(monkeypatch, speedchat_home):
     import torch.multiprocessing as mp
     monkeypatch.setitem(chat_rl.TASKS, "toy", (ParityTask, 6, 2))

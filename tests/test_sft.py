@@ -180,6 +180,7 @@ def test_ranks_split_the_stream_and_state_resumes_the_packer():
 
 # ----------------------------------------------------------------------------- the mixtures
 
+@pytest.mark.heavy(4)
 def test_mixtures_count_epochs_and_identity_is_varied():
     mid, sft = chat_sft.build_mixture("toy", "mid"), chat_sft.build_mixture("toy", "sft")
     facts = len(evals.ToyFacts("train"))
@@ -293,6 +294,7 @@ def _rank_main(rank, world_size, port, home, argv):
     exit_rank()
 
 
+@pytest.mark.heavy(5)
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(speedchat_home):
     """sft on 2 gloo ranks (each its slice of the conversations) == 1 rank accumulating 2 micro-batches:
     the same conversations per step, and the loss weighs every target token the same."""

@@ -179,6 +179,7 @@ def _spawn(fn_name, args, world_size=2):
 GPU_ASPECT = dict(n_layer=3, n_head=2, n_kv_head=1, n_embd=256, window_pattern="SSSL")
 
 
+@pytest.mark.heavy(7)
 @pytest.mark.parametrize("config", [{}, GPU_ASPECT], ids=["tiny", "head_dim_128_gqa"])
 def test_two_processes_match_one_process_with_twice_the_accumulation(tmp_path, config):
     """Same global batches: 2 gloo ranks x 2 micro-batches == 1 rank x 4 micro-batches (sharded
@@ -433,6 +434,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
         train.main(TINY + ["--data", str(tmp_path), "--num-iterations", "2"])
 
 
+@pytest.mark.heavy(9)
 def test_two_process_training_saves_sharded_state_and_resumes_exactly(corpus, speedchat_home):
     """torchrun-style run on 2 gloo ranks: per-rank optimizer/loader files, and a stop + resume
     gives the same losses and weights as the straight run."""
