@@ -254,11 +254,7 @@ def parse_args(argv=None):
     a("--eval-every", type=int, default=60, help="held-out pass@1/pass@k every N steps (-1 = before and after only)")
     a("--eval-examples", type=int, default=-1, help="held-out items; -1 = the task's default (gsm8k 400, toy 200)")
     a("--eval-samples", type=int, default=8, help="k of pass@k: samples per held-out item")
-    a("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
-    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
-    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
-    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
-    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (time-sliced jobs; resume later)")
+    train.add_checkpoint_flags(a, save_every=60)
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
     a("--seed", type=int, default=42)
     args = p.parse_args(argv)
@@ -271,8 +267,6 @@ def parse_args(argv=None):
         p.error(f"--temperature {args.temperature}: must be > 0 (greedy samples are all the same: advantage 0)")
     if args.num_steps == 0 or args.num_steps < -1:
         p.error(f"--num-steps {args.num_steps}: must be >= 1 (or -1 for one pass)")
-    if args.keep_last == 0:
-        p.error("--keep-last 0 would delete every checkpoint; use -1 to keep all")
     return args
 
 

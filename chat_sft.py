@@ -146,15 +146,11 @@ class SmolTalk(evals.Task):
 
     def __init__(self, split="train", **kw):
         super().__init__(**kw)
-        self.split = split
+        self.source = f"HuggingFaceTB/smol-smoltalk {split}"
         self.rows = evals.hf_rows("HuggingFaceTB/smol-smoltalk", "default", split)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, i):
-        row = self.rows[i]
-        evals.need(row, ("messages",), f"HuggingFaceTB/smol-smoltalk {self.split} row {i}")
+        row = self.row(i, ("messages",))
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}
 
     def evaluate(self, item, completion):
@@ -536,11 +532,7 @@ def parse_args(argv=None):
     a("--warmdown-ratio", type=float, default=-1, help="-1: mid 0.2, sft 1.0 (linear decay to --final-lr-frac)")
     a("--final-lr-frac", type=float, default=0.0)
     # checkpoints
-    a("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
-    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
-    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
-    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (resume later)")
+    train.add_checkpoint_flags(a)
     # evaluation
     a("-a", "--eval-tasks", default=None,
       help=f"chat tasks at the end, comma-separated, or 'none' (default: {EVAL_TASKS['default']}; toy: {EVAL_TASKS['toy']}; "
@@ -583,8 +575,6 @@ def check_args(args):
         raise SystemExit("--max-problems 0: use -1 for all, or a positive count")
     if not (0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1):
         raise SystemExit(f"--warmup-ratio {args.warmup_ratio} / --warmdown-ratio {args.warmdown_ratio}: each in [0, 1], sum <= 1")
-    if args.keep_last == 0:
-        raise SystemExit("--keep-last 0 would delete every checkpoint; use -1 to keep all")
     args.eval_names = eval_task_names(args.eval_tasks if args.mixture_name or args.eval_tasks else "none", args.mixture_name)
 
 
@@ -634,10 +624,8 @@ def finetune(args):
     per_micro = args.device_batch_size * ws * (1 if sft else T)
     args.total_batch_size = args.total_batch_size or per_micro  # 0: one micro-batch per rank (TOY_BATCH)
     unit = "conversations" if sft else "tokens"
-    if args.total_batch_size % per_micro:
-        raise SystemExit(f"--total-batch-size {args.total_batch_size} ({unit}) is not a multiple of --device-batch-size x "
-                         f"{'' if sft else '--max-seq-len x '}world size = {per_micro}")
-    grad_accum = args.total_batch_size // per_micro
+    grad_accum = train.accumulation(args.total_batch_size, per_micro,
+                                    f"--device-batch-size x {'' if sft else '--max-seq-len x '}world size ({unit})")
     chats, heldout = load_chats(args.chat_sources, tokenizer, T, args.skip_bad_rows, args.val_share)  # all checked now
     mixture = build_mixture(args.mixture_name, args.stage, args.seed, chats)
     loader, num_iterations = make_loader(args, mixture, tokenizer, T, rank, ws, device)
@@ -754,10 +742,7 @@ def make_loader(args, mixture, tokenizer, T, rank, ws, device):
 
 def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, momentum, ws, device) -> tuple:
     """One step at the schedule's lr multiplier and Muon momentum: (loss, seconds, target tokens on all ranks, approximately)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    train.set_schedule(optimizer, lrm, momentum)
+    t0 = train.start_step(optimizer, lrm, momentum, device)
     batches = [loader.next_batch() for _ in range(grad_accum)]
     n_tok = sum(int((y >= 0).sum()) for _, y in batches) * ws
     loss = float(train_step(model, optimizer, batches, ws, autocast_ctx))

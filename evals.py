@@ -432,9 +432,17 @@ class Task:
         self._view = slice(start, stop, step)
         self._range = None
 
-    # subclasses define these three
+    # subclasses define these three; a task read from a dataset keeps its rows in self.rows, which
+    # sizes it, and reads row i with self.row(i, fields)
+    rows: list = None
+    source = ""  # the dataset and split, as a malformed row's error names them
+
     def num_examples(self) -> int:
-        raise NotImplementedError
+        return len(self.rows)
+
+    def row(self, i: int, fields) -> dict:
+        need(self.rows[i], fields, f"{self.source} row {i}")
+        return self.rows[i]
 
     def get_example(self, i: int) -> dict:
         raise NotImplementedError
@@ -516,18 +524,14 @@ class ARC(Task):
         super().__init__(**kw)
         if subset not in ("ARC-Easy", "ARC-Challenge"):
             raise EvalError(f"ARC subset {subset!r}: expected ARC-Easy or ARC-Challenge")
-        self.name, self.split = subset, split
+        self.name, self.source = subset, f"allenai/ai2_arc {subset}/{split}"
         self.rows = hf_rows("allenai/ai2_arc", subset, split)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, i):
-        row = self.rows[i]
-        need(row, ("question", "choices", "answerKey"), f"allenai/ai2_arc {self.name}/{self.split} row {i}")
+        row = self.row(i, ("question", "choices", "answerKey"))
         labels, texts = list(row["choices"]["label"]), list(row["choices"]["text"])
         if row["answerKey"] not in labels:
-            raise EvalError(f"allenai/ai2_arc {self.name}/{self.split} row {i}: answerKey {row['answerKey']!r} not in {labels}")
+            raise EvalError(f"{self.source} row {i}: answerKey {row['answerKey']!r} not in {labels}")
         return _categorical_item(row["question"], texts, labels.index(row["answerKey"]))
 
     def evaluate(self, item, completion):
@@ -543,9 +547,6 @@ class MMLU(Task):
         super().__init__(**kw)
         self.name, self.split = "MMLU", split
         self.rows = hf_rows("cais/mmlu", subset, split)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, i):
         row = self.rows[i]
@@ -598,15 +599,10 @@ class GSM8K(Task):
 
     def __init__(self, subset="main", split="test", **kw):
         super().__init__(**kw)
-        self.split = split
-        self.rows = hf_rows("openai/gsm8k", subset, split)
-
-    def num_examples(self):
-        return len(self.rows)
+        self.source, self.rows = f"openai/gsm8k {split}", hf_rows("openai/gsm8k", subset, split)
 
     def get_example(self, i):
-        row = self.rows[i]
-        need(row, ("question", "answer"), f"openai/gsm8k {self.split} row {i}")
+        row = self.row(i, ("question", "answer"))
         return {"messages": [{"role": "user", "content": row["question"]},
                              {"role": "assistant", "content": gsm8k_parts(row["answer"])}],
                 "answer": gsm8k_answer(row["answer"])}
@@ -645,14 +641,10 @@ class HumanEval(Task):
 
     def __init__(self, split="test", **kw):
         super().__init__(**kw)
-        self.rows = hf_rows("openai/openai_humaneval", "openai_humaneval", split)
-
-    def num_examples(self):
-        return len(self.rows)
+        self.source, self.rows = "openai/openai_humaneval", hf_rows("openai/openai_humaneval", "openai_humaneval", split)
 
     def get_example(self, i):
-        row = self.rows[i]
-        need(row, ("prompt", "canonical_solution", "test", "entry_point"), f"openai/openai_humaneval row {i}")
+        row = self.row(i, ("prompt", "canonical_solution", "test", "entry_point"))
         return {"messages": [{"role": "user", "content": row["prompt"]},
                              {"role": "assistant", "content": f"```python\n{row['prompt']}{row['canonical_solution']}```"}],
                 "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"],

@@ -346,6 +346,13 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def generation_failed(job, e) -> str:
+    """A generation that raised: the traceback to the log, one line for the client."""
+    job.finish = "error"
+    log.exception("generation failed")
+    return f"{type(e).__name__}: {e}"
+
+
 def openai_events(job, cid, created, model):
     """chat.completion.chunk events, the last with finish_reason, then [DONE]."""
     head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": None}
@@ -363,9 +370,7 @@ def openai_events(job, cid, created, model):
         job.finish = "disconnected"
         raise
     except Exception as e:
-        job.finish = "error"
-        log.exception("generation failed")
-        yield sse({"error": {"message": f"{type(e).__name__}: {e}", "type": "server_error", "param": None, "code": None}})
+        yield sse({"error": {"message": generation_failed(job, e), "type": "server_error", "param": None, "code": None}})
     finally:
         job.close()
     yield "data: [DONE]\n\n"
@@ -440,9 +445,7 @@ def whole_reply(job, cid, created):
         for _ in job.pieces():
             pass
     except Exception as e:
-        job.finish = "error"
-        log.exception("generation failed")
-        return error_response(500, f"{type(e).__name__}: {e}")
+        return error_response(500, generation_failed(job, e))
     finally:
         job.close()
     return {"id": cid, "object": "chat.completion", "created": created, "model": job.state.model_name,

@@ -481,6 +481,15 @@ def set_schedule(optimizer, lrm: float, momentum: float):
             g["momentum"] = momentum
 
 
+def start_step(optimizer, lrm: float, momentum: float, device) -> float:
+    """The schedule set for a step about to run; returns its start time, taken after the device has
+    finished the previous step (so a step's seconds are its own)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    set_schedule(optimizer, lrm, momentum)
+    return time.time()
+
+
 def train_step(model, optimizer, next_batch, grad_accum: int, autocast_ctx=contextlib.nullcontext):
     """One optimizer step over grad_accum micro-batches from next_batch(); returns this rank's mean
     loss (a 0-d tensor, not synced). The optimizer averages gradients across ranks."""
@@ -763,6 +772,28 @@ def add_lr_flags(a):
     a("--weight-decay", type=float, default=0.0, help="decoupled weight decay on the Muon matrices")
 
 
+def accumulation(total: int, per_micro: int, spelled: str) -> int:
+    """Micro-batches per optimizer step: a total batch is a whole number of micro-batches on every rank."""
+    if total % per_micro:
+        raise SystemExit(f"--total-batch-size {total} is not a multiple of {spelled} = {per_micro}")
+    return total // per_micro
+
+
+def keep_count(text: str) -> int:
+    if int(text) == 0:
+        raise argparse.ArgumentTypeError("0 would delete every checkpoint; use -1 to keep all")
+    return int(text)
+
+
+def add_checkpoint_flags(a, save_every=-1):
+    """The checkpoint flags of every training stage (pretraining, mid/SFT, RL), spelled once."""
+    a("--save-every", type=int, default=save_every, help="checkpoint every N steps (-1 = only at the end)")
+    a("--keep-last", type=keep_count, default=2, help="keep the last K checkpoints (-1 = all)")
+    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
+    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
+    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (time-sliced jobs; resume later)")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain a GPT (train.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -793,12 +824,8 @@ def parse_args(argv=None):
     a("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = never)")
     a("--core-metric-every", type=int, default=-1, help="CORE every N steps, and at the end (-1 = only at the end, 0 = never)")
     a("--core-metric-max-per-task", type=int, default=500)
-    a("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    a("--keep-last", type=int, default=2, help="keep the last K checkpoints (-1 = all)")
     a("--tag", default=None, help="checkpoint folder name (default d<depth>)")
-    a("--resume", action="store_true", help="continue from the last checkpoint of --tag")
-    a("--overwrite", action="store_true", help="start afresh under a --tag that has checkpoints (deletes them)")
-    a("--stop-at-step", type=int, default=-1, help="save and exit at this step (time-sliced jobs; resume later)")
+    add_checkpoint_flags(a)
     a("--run", default="dummy", help="wandb run name (wandb only when installed and this is not 'dummy')")
     # compute
     a("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -843,8 +870,6 @@ def check_args(args):
         raise SystemExit(f"--target-param-data-ratio {args.target_param_data_ratio}: must be > 0")
     if not (0 <= args.warmup_ratio <= 1 and 0 <= args.warmdown_ratio <= 1 and args.warmup_ratio + args.warmdown_ratio <= 1):
         raise SystemExit(f"--warmup-ratio {args.warmup_ratio} / --warmdown-ratio {args.warmdown_ratio}: each in [0, 1], sum <= 1")
-    if args.keep_last == 0:
-        raise SystemExit("--keep-last 0 would delete every checkpoint; use -1 to keep all")
 
 
 def main(argv=None):
@@ -878,10 +903,8 @@ def pretrain(args, command="train.py"):
     next(tok.iter_batches(args.data, "train", rank, ws, skip_bad=args.skip_bad_rows), None)  # a bad --data fails now, not after building the model
     config = build_config(args, tokenizer.vocab_size)
     tokens_per_micro = args.device_batch_size * args.max_seq_len * ws
-    if args.total_batch_size % tokens_per_micro:
-        raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of --device-batch-size x "
-                         f"--max-seq-len x world size = {args.device_batch_size} x {args.max_seq_len} x {ws} = {tokens_per_micro}")
-    grad_accum = args.total_batch_size // tokens_per_micro
+    grad_accum = accumulation(args.total_batch_size, tokens_per_micro, "--device-batch-size x --max-seq-len x world size = "
+                              f"{args.device_batch_size} x {args.max_seq_len} x {ws}")
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -1019,10 +1042,7 @@ def pretrain(args, command="train.py"):
 
 def optimizer_step(model, optimizer, loader, grad_accum, autocast_ctx, lrm, momentum, ws, device) -> tuple:
     """One optimizer step at the schedule's lr multiplier and momentum: (mean loss over ranks, seconds)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.time()
-    set_schedule(optimizer, lrm, momentum)
+    t0 = start_step(optimizer, lrm, momentum, device)
     loss = train_step(model, optimizer, loader, grad_accum, autocast_ctx)
     loader.prefetch()  # the next batch, packed while the device still works on this one
     if ws > 1:
