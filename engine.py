@@ -16,6 +16,7 @@ machine, the Engine (the main loop), the chat CLI, __main__.
 
 import argparse
 import ast
+import atexit
 import codecs
 import functools
 import inspect
@@ -23,16 +24,20 @@ import json
 import math
 import operator
 import os
+import queue
 import selectors
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import tok
 import train
@@ -598,11 +603,12 @@ def run_tool(code):
 class KVCache:
     """Preallocated keys/values, (layers, batch, kv_heads, max_len, head_dim), written in place.
 
-    The contract with train.GPT: in every layer the model calls insert(layer_idx, k, v) with the
-    new tokens' k, v (B, n_kv_head, T, head_dim), after rotary and QK-norm, and attends over the
-    returned views (B, n_kv_head, pos+T, head_dim); after its last layer it calls advance(T). The
-    model itself offsets rotary and the causal mask by `pos` and applies sliding windows. Storage is
-    allocated on the first insert, on the model's device, in `dtype` (default: that of k).
+    The contract with train.GPT: the model offsets rotary by `pos` (an int here; the batched
+    engine's PagedStep gives a (B,) tensor), in every layer calls attend(layer_idx, q, k, v, window)
+    with the new tokens' q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim), after
+    rotary and QK-norm, which stores k, v and returns the attention output (B, n_head, T, head_dim);
+    after its last layer it calls advance(T). Storage is allocated on the first insert, on the
+    model's device, in `dtype` (default: that of k).
     """
 
     def __init__(self, batch_size, num_layers, max_len, dtype=None):
@@ -624,6 +630,10 @@ class KVCache:
         self.k[layer_idx, :, :, self.pos:end] = k
         self.v[layer_idx, :, :, self.pos:end] = v
         return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def attend(self, layer_idx, q, k, v, window):
+        k, v = self.insert(layer_idx, k, v)  # (B, nkv, pos+T, hd): every key so far
+        return train.attend(q, k, v, window)
 
     def advance(self, num_tokens):
         self.pos += num_tokens
@@ -739,8 +749,9 @@ class Engine:
         self.python_start, self.python_end = sp("<|python_start|>"), sp("<|python_end|>")
         self.output_start, self.output_end = sp("<|output_start|>"), sp("<|output_end|>")
 
-    def _step_row(self, row, token):
-        """Advance one row's state machine by the token it just emitted."""
+    def step_row(self, row, token):
+        """Advance one row's state machine by the token it just emitted. Returns the code of a python
+        block that just closed (when tool use is on): its caller runs tool_tokens(code) and forces them."""
         if token in self.stop:
             row.done = True
         elif token == self.python_start:
@@ -748,11 +759,14 @@ class Engine:
         elif token == self.python_end and row.python is not None:
             code = self.tokenizer.decode(row.python)
             row.python = None
-            if self.tool is not None:
-                result = self.tokenizer.encode(self.tool(code))
-                row.forced.extend([self.output_start, *result, self.output_end])
+            return code if self.tool is not None else None
         elif row.python is not None:
             row.python.append(token)
+        return None
+
+    def tool_tokens(self, code):
+        """The tokens forced after a python block: <|output_start|> its result <|output_end|>."""
+        return [self.output_start, *self.tokenizer.encode(self.tool(code)), self.output_end]
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         # bf16 under autocast: its attention rounds k, v to bf16 anyway, so this halves cache memory
@@ -802,7 +816,8 @@ class Engine:
                     continue
                 forced = bool(row.forced)
                 token = row.forced.popleft() if forced else s
-                self._step_row(row, token)
+                if (code := self.step_row(row, token)) is not None:
+                    row.forced.extend(self.tool_tokens(code))
                 out.append(token); was_sampled.append(not forced); feed.append(token)
             yield out, was_sampled
             if all(row.done for row in rows) or step == max_tokens - 1:
@@ -821,6 +836,436 @@ class Engine:
                     seqs[i].append(token)
                     masks[i].append(int(s))
         return seqs, masks
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuous batching: many conversations on one device. Decoding is memory-bound (a step reads every
+# weight once, whatever the batch), so a scheduler thread feeds every active row into each decode
+# step and admits new requests at any step. Keys and values live in fixed-size pages of one pool, a
+# row holding only the pages its tokens fill; a long prompt is prefilled in chunks between decode
+# steps, so it never stalls the others. When the pool runs dry, the youngest request gives back its
+# pages and is recomputed later (vLLM's recompute preemption): requests wait, they never run out of memory.
+
+PAGE_TOKENS = 16       # tokens per KV page: small pages waste little, the gather index stays cheap
+PREFILL_CHUNK = 256    # prompt tokens prefilled per scheduler step, between two decode steps
+MAX_ROWS = 64          # rows decoded together (a request with n samples holds n)
+MAX_WAITING = 256      # requests that may wait for a row; more are refused (QueueFull)
+TOOL_THREADS = 8       # python tool calls that run at once, off the decode loop
+
+
+class QueueFull(Exception):
+    """The batcher's waiting queue is at its limit (serve.py answers 503)."""
+
+
+class PagedStep:
+    """The KV-cache view of one forward over rows of a page pool (the same contract as KVCache): row b
+    feeds T tokens from position pos[b]; `pages` (B, pages) are its pages' indices in the pool."""
+
+    def __init__(self, pool, pages, pos, T):
+        self.pool, self.T = pool, T
+        dev = pool.device
+        self.pages = torch.tensor(pages, dtype=torch.long, device=dev)  # (B, P), padded with page 0
+        self.pos = torch.tensor(pos, dtype=torch.long, device=dev)      # (B,)
+        self.length = self.pos + T                                       # (B,) keys after this step
+        t = self.pos[:, None] + torch.arange(T, device=dev)              # (B, T) positions written
+        self.write = self.slots(t).reshape(-1)                           # (B*T,) their slots in the pool
+        self.views = {}  # window -> (gather slots (B, W), mask (B, 1, T, W))
+
+    def slots(self, positions):
+        """Pool slots of positions (B, ...) of each row."""
+        flat = positions.reshape(positions.size(0), -1)
+        page = self.pages.gather(1, (flat // PAGE_TOKENS).clamp(max=self.pages.size(1) - 1))
+        return (page * PAGE_TOKENS + flat % PAGE_TOKENS).view_as(positions)
+
+    def view(self, window):
+        """Which keys each query reads: per row the last W = window + T - 1 positions (no query sees
+        further back), masked to causal, in-window and existing."""
+        if window not in self.views:
+            W = min(int(self.length.max()), window + self.T - 1)
+            start = (self.length - W).clamp(min=0)                                  # (B,)
+            j = start[:, None] + torch.arange(W, device=self.pos.device)            # (B, W) key positions
+            q = self.pos[:, None] + torch.arange(self.T, device=self.pos.device)    # (B, T) query positions
+            jj, qq = j[:, None, :], q[:, :, None]
+            mask = (jj <= qq) & (qq - jj < window)                                  # (B, T, W)
+            self.views[window] = (self.slots(j), mask[:, None])
+        return self.views[window]
+
+    def attend(self, layer_idx, q, k, v, window):
+        B, nkv, T, hd = k.shape
+        K, V = self.pool.layer(layer_idx, k)
+        K.index_copy_(0, self.write, k.transpose(1, 2).reshape(B * T, nkv, hd).to(K.dtype))
+        V.index_copy_(0, self.write, v.transpose(1, 2).reshape(B * T, nkv, hd).to(V.dtype))
+        idx, mask = self.view(window)
+        keys, values = K[idx].transpose(1, 2), V[idx].transpose(1, 2)  # (B, nkv, W, hd)
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                              enable_gqa=q.size(1) != nkv)
+
+    def advance(self, num_tokens):
+        pass  # the scheduler keeps each row's length
+
+
+class PagePool:
+    """k, v of `pages` pages: (layers, pages * PAGE_TOKENS, kv_heads, head_dim), allocated on first use."""
+
+    def __init__(self, num_layers, pages, device, dtype=None):
+        self.num_layers, self.device, self.dtype = num_layers, device, dtype
+        self.free = list(range(pages - 1, -1, -1))  # a stack: the last freed is reused first
+        self.total = pages
+        self.k = self.v = None
+
+    def layer(self, i, like):
+        if self.k is None:
+            shape = (self.num_layers, self.total * PAGE_TOKENS, like.size(1), like.size(3))
+            self.k = torch.zeros(shape, dtype=self.dtype or like.dtype, device=like.device)
+            self.v = torch.zeros_like(self.k)
+        return self.k[i], self.v[i]
+
+    def take(self, n):
+        """n free pages, or None (and nothing taken) when fewer are left."""
+        if n > len(self.free):
+            return None
+        return [self.free.pop() for _ in range(n)]
+
+    def give(self, pages):
+        self.free.extend(reversed(pages))
+        pages.clear()
+
+    def copy(self, src, dst, n):
+        """The first n tokens of pages src into pages dst (a sample of a prompt prefilled once)."""
+        if self.k is None or n == 0:
+            return
+        pos = torch.arange(n, device=self.device)
+        a = torch.tensor(src, device=self.device)[pos // PAGE_TOKENS] * PAGE_TOKENS + pos % PAGE_TOKENS
+        b = torch.tensor(dst, device=self.device)[pos // PAGE_TOKENS] * PAGE_TOKENS + pos % PAGE_TOKENS
+        self.k[:, b], self.v[:, b] = self.k[:, a], self.v[:, a]
+
+
+def pages_for(tokens):
+    return -(-tokens // PAGE_TOKENS)
+
+
+def row_seed(seed, i):
+    """Sample i of a request draws from its own generator: sample 0 from the request's seed (as
+    Engine.generate with one sample), the others from seeds no other request's sample 0 uses."""
+    return seed if i == 0 else hash((seed, i)) % (1 << 62)
+
+
+class Row:
+    """One sample of a request: its tokens (prompt and emitted), how many are cached (None: a sample
+    waiting to copy the prompt its first sample prefills), its pages, tool state, generator, and the
+    queue its tokens go to."""
+
+    def __init__(self, request, i, device):
+        self.request, self.i = request, i
+        self.tokens, self.cached, self.pages, self.clones = list(request.tokens), 0, [], []
+        self.state, self.generated, self.tool = RowState(), 0, None  # tool: the Future of a python call
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(row_seed(request.settings["seed"], i))
+        self.events = queue.SimpleQueue()  # (token, sampled) ..., then None (or an exception)
+        self.finished = False
+
+    def order(self):
+        return self.request.order, self.i
+
+
+
+class Request:
+    """What Batcher.submit returns: stream(i) yields sample i's (token, sampled) as they come,
+    result() waits for every sample and gives (sequences, masks) as Engine.generate_batch."""
+
+    def __init__(self, tokens, n, settings, wake):
+        self.tokens, self.n, self.settings, self.wake = tokens, n, settings, wake
+        self.rows = []
+        self.admitted = threading.Event()  # set once it holds its rows
+        self.cancelled = False
+        self.order = None  # admission order: preemption takes the youngest
+
+    def cancel(self):
+        """Stop generating (a client left): the scheduler frees its rows at its next step."""
+        self.cancelled = True
+        self.wake()
+
+    def stream(self, i=0):
+        self.admitted.wait()
+        while (event := self.rows[i].events.get()) is not None:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    def result(self):
+        seqs, masks = [], []
+        for i in range(self.n):
+            seq, mask = list(self.tokens), [0] * len(self.tokens)
+            for token, sampled in self.stream(i):
+                seq.append(token)
+                mask.append(int(sampled))
+            seqs.append(seq)
+            masks.append(mask)
+        return seqs, masks
+
+
+class Batcher:
+    """Continuous batching over one Engine: submit() requests from any thread; one scheduler thread
+    runs every forward. Caps: max_rows rows at once, cache_tokens tokens of KV pages (default: every
+    row at the training length, and never less than one row at the full context), max_waiting
+    requests waiting for rows."""
+
+    def __init__(self, eng, max_rows=MAX_ROWS, cache_tokens=None, max_waiting=MAX_WAITING):
+        self.eng, self.max_rows, self.max_waiting = eng, max_rows, max_waiting
+        model = eng.model
+        self.context = model.max_positions
+        cache_tokens = max(cache_tokens or max_rows * model.config.sequence_len, self.context + PAGE_TOKENS)
+        self.pool = PagePool(model.config.n_layer, pages_for(cache_tokens), eng.device,
+                             torch.bfloat16 if eng.bf16 else None)
+        self.waiting, self.preempted, self.active = deque(), [], []  # requests; rows; rows
+        self.admitted, self.closed, self.preemptions = 0, False, 0
+        self.cond = threading.Condition()
+        self.tools = ThreadPoolExecutor(TOOL_THREADS, thread_name_prefix="speedchat-tool")
+        self.thread = threading.Thread(target=self.run, daemon=True, name="speedchat-batcher")
+        self.thread.start()
+        atexit.register(self.close)  # a scheduler thread still inside torch at interpreter exit aborts it
+
+    def close(self):
+        """Stop the scheduler: what is in flight ends with an error; later submits raise."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        self.tools.shutdown(wait=False, cancel_futures=True)
+        atexit.unregister(self.close)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the client side
+
+    def submit(self, tokens, n=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, wait=True):
+        """Queue n samples of a prompt (settings as Engine.generate). A prompt that can never fit
+        raises ValueError at once; when max_waiting requests wait, wait=False raises QueueFull and
+        wait=True blocks until there is room."""
+        if not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("generate: the prompt must be a non-empty list of token ids")
+        budget = self.context - len(tokens)
+        max_tokens = budget if max_tokens is None else min(max_tokens, budget)
+        if max_tokens <= 0:
+            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in a {self.context}-token context")
+        if not 1 <= n <= self.max_rows:
+            raise ValueError(f"{n} samples: the batcher holds at most {self.max_rows} rows")
+        if n * pages_for(len(tokens) + 1) > self.pool.total:
+            raise ValueError(f"{n} samples of a {len(tokens)}-token prompt need more KV cache than the batcher's cap")
+        settings = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        req = Request(list(tokens), n, settings, self.wake)
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            if len(self.waiting) >= self.max_waiting:
+                if not wait:
+                    raise QueueFull(f"{len(self.waiting)} requests are waiting")
+                self.cond.wait_for(lambda: len(self.waiting) < self.max_waiting)
+            self.waiting.append(req)
+            self.cond.notify_all()
+        return req
+
+    def generate_batch(self, prompts, n=1, **settings):
+        """[(sequences, masks), ...]: n samples of each prompt, every prompt submitted at once."""
+        reqs = [self.submit(p, n, **settings) for p in prompts]
+        return [r.result() for r in reqs]
+
+    def wake(self, *_):
+        with self.cond:
+            self.cond.notify_all()
+
+    def stats(self):
+        with self.cond:
+            return {"rows": len(self.active), "max_rows": self.max_rows, "waiting": len(self.waiting),
+                    "preempted": len(self.preempted), "preemptions": self.preemptions, "max_waiting": self.max_waiting,
+                    "cache_pages": self.pool.total - len(self.pool.free), "cache_pages_total": self.pool.total,
+                    "page_tokens": PAGE_TOKENS}
+
+    # -- the scheduler: each step drops cancelled rows, admits what fits, prefills one chunk, decodes
+    # every row that has its next token to feed
+
+    def run(self):
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.waiting or self.active or self.preempted or self.closed)
+                    if self.closed:
+                        break
+                try:
+                    worked = self.step()
+                except Exception as e:  # a failed forward fails the requests in flight, not the batcher
+                    for row in self.active + self.preempted:
+                        self.finish(row, e)
+                    continue
+                if not worked:  # every row waits on a tool call (its callback wakes us) or for pages
+                    with self.cond:
+                        self.cond.wait(0.05)
+            closed = RuntimeError("the batcher was closed")
+            for row in self.active + self.preempted:
+                self.finish(row, closed)
+            for req in self.waiting:
+                req.rows = [Row(req, i, self.eng.device) for i in range(req.n)]
+                for row in req.rows:
+                    self.finish(row, closed)
+                req.admitted.set()
+
+    def step(self) -> bool:
+        with self.cond:
+            for row in [r for r in self.active + self.preempted if r.request.cancelled]:
+                self.finish(row)
+            self.admit()
+        return self.prefill() | self.decode()
+
+    def admit(self):
+        """Preempted rows first, then waiting requests, oldest first, while rows and pages are free."""
+        for row in sorted(self.preempted, key=Row.order):
+            if len(self.active) >= self.max_rows or not self.place(row):
+                return
+            self.preempted.remove(row)
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled:  # never started: its streams end at once
+                self.waiting.popleft()
+                req.rows = [Row(req, i, self.eng.device) for i in range(req.n)]
+                for row in req.rows:
+                    row.finished = True
+                    row.events.put(None)
+                req.admitted.set()
+                continue
+            if len(self.active) + req.n > self.max_rows or req.n * pages_for(len(req.tokens) + 1) > len(self.pool.free):
+                return
+            self.waiting.popleft()
+            req.order, self.admitted = self.admitted, self.admitted + 1
+            req.rows = [Row(req, i, self.eng.device) for i in range(req.n)]
+            for row in req.rows:
+                self.place(row)
+            req.rows[0].clones = req.rows[1:]  # one prefill of the prompt; the other samples copy it
+            for row in req.rows[1:]:
+                row.cached = None
+            self.cond.notify_all()  # room in the queue
+            req.admitted.set()
+
+    def place(self, row) -> bool:
+        """Pages for the row's tokens (and the next) and a place in the batch, if the pool has them."""
+        pages = self.pool.take(pages_for(len(row.tokens) + 1))
+        if pages is None:
+            return False
+        row.pages = pages
+        self.active.append(row)
+        return True
+
+    def finish(self, row, error=None):
+        """The row is done (stop token, max tokens, cancelled or failed): its pages go back at once."""
+        for r in (self.active, self.preempted):
+            if row in r:
+                r.remove(row)
+        self.pool.give(row.pages)
+        for clone in row.clones:  # samples that never copied the prompt end with it
+            self.finish(clone, error)
+        row.clones = []
+        if not row.finished:
+            row.finished = True
+            row.events.put(error)
+
+    def grow(self, rows, T):
+        """Pages for T more tokens in each row, oldest first; while the pool is short the youngest
+        other row gives its pages back and waits to be recomputed. Returns the rows that go on."""
+        for row in sorted(rows, key=Row.order):
+            if row not in self.active:
+                continue
+            need = pages_for(row.cached + T) - len(row.pages)
+            while need > len(self.pool.free) and len(self.active) > 1:
+                self.preempt(max((r for r in self.active if r is not row), key=Row.order))
+            if need > 0:
+                row.pages += self.pool.take(need)
+        return [r for r in rows if r in self.active]
+
+    def preempt(self, row):
+        with self.cond:
+            self.preemptions += 1
+            self.active.remove(row)
+            self.pool.give(row.pages)
+            if row.cached is None:  # a sample waiting for its first sample's prefill prefills itself
+                for r in row.request.rows:
+                    if row in r.clones:
+                        r.clones.remove(row)
+            row.cached = 0
+            self.preempted.append(row)
+
+    def forward(self, rows, ids):
+        """Logits (B, V) of the last fed position of each row, after feeding ids (B, T)."""
+        T, width = len(ids[0]), max(len(r.pages) for r in rows)
+        step = PagedStep(self.pool, [r.pages + [0] * (width - len(r.pages)) for r in rows], [r.cached for r in rows], T)
+        logits = self.eng.forward(torch.tensor(ids, dtype=torch.long, device=self.eng.device), step)
+        for r in rows:
+            r.cached += T
+        return logits
+
+    def prefill(self) -> bool:
+        """One chunk of the oldest row with more than one token to feed (a new or recomputed prompt)."""
+        rows = [r for r in self.active if r.cached is not None and len(r.tokens) - r.cached > 1]
+        if not rows:
+            return False
+        row = min(rows, key=Row.order)
+        T = min(PREFILL_CHUNK, len(row.tokens) - row.cached)
+        if not self.grow([row], T):
+            return False
+        logits = self.forward([row], [row.tokens[row.cached:row.cached + T]])
+        if row.cached == len(row.tokens):
+            self.emit([row], logits)
+        return True
+
+    def decode(self) -> bool:
+        """One token for every row with exactly its last token to feed (and no tool call pending)."""
+        rows = self.grow([r for r in self.active if r.cached is not None and len(r.tokens) - r.cached == 1
+                          and self.tool_done(r)], 1)
+        if rows:
+            self.emit(rows, self.forward(rows, [[r.tokens[-1]] for r in rows]))
+        return bool(rows)
+
+    def tool_done(self, row) -> bool:
+        """No python call pending (a finished one's result is now forced); a call that raised ends its row."""
+        if row.tool is None or not row.tool.done():
+            return row.tool is None
+        try:
+            row.state.forced.extend(row.tool.result())
+        except Exception as e:
+            self.finish(row, e)
+            return False
+        row.tool = None
+        return True
+
+    def emit(self, rows, logits):
+        """Each row's next token from its logits (B, V); a first sample's clones copy its prompt and
+        sample from the same logits, each with its own generator."""
+        for row, lg in zip(rows, logits):
+            clones, row.clones = row.clones, []
+            for clone in clones:
+                self.pool.copy(row.pages, clone.pages, row.cached)
+                clone.cached = row.cached
+            for r in [row, *clones]:
+                self.sample(r, lg[None])
+
+    def sample(self, row, logits):
+        """As Engine.generate: draw (so the generator advances every step), let a forced token override."""
+        s = row.request.settings
+        token = int(sample_next_token(logits, row.rng, s["temperature"], s["top_k"], s["top_p"])[0])
+        forced = bool(row.state.forced)
+        if forced:
+            token = row.state.forced.popleft()
+        if (code := self.eng.step_row(row.state, token)) is not None:
+            row.tool = self.tools.submit(self.eng.tool_tokens, code)
+            row.tool.add_done_callback(self.wake)
+        row.tokens.append(token)
+        row.generated += 1
+        row.events.put((token, not forced))
+        if row.state.done or row.generated >= s["max_tokens"]:
+            self.finish(row)
 
 
 def for_inference(model):

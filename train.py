@@ -176,9 +176,10 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.transpose(1, 2).unsqueeze(-1) * ve.view(B, T, nkv, hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = norm(q).to(dt), norm(k).to(dt), v.to(dt)  # QK-norm; rotary, norm and ve may have promoted to fp32
-        if kv_cache is not None:
-            k, v = kv_cache.insert(self.layer_idx, k, v)       # (B, nkv, pos+T, hd)
-        y = attend(q, k, v, window, block_mask)                # (B, nh, T, hd)
+        if kv_cache is not None:  # the cache holds the earlier keys, so it attends (engine.py: contiguous or paged)
+            y = kv_cache.attend(self.layer_idx, q, k, v, window)
+        else:
+            y = attend(q, k, v, window, block_mask)            # (B, nh, T, hd)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
 
 
@@ -256,11 +257,11 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, vocab_size) fp32 (fp64 for an fp64 model), or the loss against targets (B, T) (-1 = ignore).
         last_only: logits of the last position only (B, 1, vocab_size), all a prefill needs."""
         B, T = idx.shape
-        pos = kv_cache.pos if kv_cache is not None else 0
-        if pos + T > self.max_positions:  # never cropped: the caller learns the input is too long
+        pos = kv_cache.pos if kv_cache is not None else 0  # an int, or (B,) one start per row (the batched engine)
+        if isinstance(pos, int) and pos + T > self.max_positions:  # never cropped: the caller learns the input is too long
             raise ValueError(f"{pos + T} tokens is longer than the model can represent: {self.max_positions} positions "
                              f"({ROPE_CONTEXT_MULT} x its training length {self.config.sequence_len})")
-        cos, sin = self.rope_cos[:, :, pos:pos + T], self.rope_sin[:, :, pos:pos + T]
+        cos, sin = self.rotary(pos, T)
         masks = self.block_masks if kv_cache is None and T == self.config.sequence_len else {}
         x = norm(self.wte(idx))  # (B, T, C)
         x0 = x
@@ -279,6 +280,14 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def rotary(self, pos, T: int):
+        """cos, sin of T positions from pos: (1, 1, T, hd/2) for an int, (B, 1, T, hd/2) for a (B,) tensor
+        of per-row starts (the caller has checked they fit the table)."""
+        if isinstance(pos, int):
+            return self.rope_cos[:, :, pos:pos + T], self.rope_sin[:, :, pos:pos + T]
+        p = pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+        return self.rope_cos[0, 0, p].unsqueeze(1), self.rope_sin[0, 0, p].unsqueeze(1)
 
     def num_scaling_params(self) -> int:
         """Parameters that count for the tokens:params ratio: the block matrices and lm_head. Lookup

@@ -10,7 +10,7 @@ sys.path.insert(0, str(ROOT))
 
 
 class SimpleKVCache:
-    """The engine contract: pos, insert(layer, k, v) -> all keys/values so far, advance(T)."""
+    """The engine contract: pos, attend(layer, q, k, v, window) over all keys/values so far, advance(T)."""
 
     def __init__(self, n_layer):
         self.k, self.v, self.pos = [None] * n_layer, [None] * n_layer, 0
@@ -20,6 +20,10 @@ class SimpleKVCache:
             k, v = torch.cat([self.k[layer_idx], k], 2), torch.cat([self.v[layer_idx], v], 2)
         self.k[layer_idx], self.v[layer_idx] = k, v
         return k, v
+
+    def attend(self, layer_idx, q, k, v, window):
+        import train
+        return train.attend(q, *self.insert(layer_idx, k, v), window)
 
     def advance(self, T):
         self.pos += T

@@ -35,7 +35,7 @@ class ByteTokenizer:
 class ScriptedModel(torch.nn.Module):
     """A fake GPT whose next token is scripted: it writes script[i] where i counts the tokens it
     has been fed since the prompt, not counting <|output_start|> ... <|output_end|> spans (the
-    engine forces those). Follows the KV-cache contract (insert per layer, advance once)."""
+    engine forces those). Reads the cache's pos and advances it; it attends to nothing."""
 
     def __init__(self, script, tok, n_layer=2, sequence_len=512):
         super().__init__()
@@ -52,8 +52,6 @@ class ScriptedModel(torch.nn.Module):
             self.seen, self.prompt_len = [[] for _ in range(B)], T
         elif len(self.seen) != B:  # prompt prefilled at batch 1, replicated to B rows
             self.seen = [list(self.seen[0]) for _ in range(B)]
-        for layer in range(self.config.n_layer):
-            kv_cache.insert(layer, torch.zeros(B, 1, T, 4), torch.zeros(B, 1, T, 4))
         kv_cache.advance(T)
         logits = torch.full((B, T, self.tok.vocab_size), -10.0)
         o_start, o_end = self.tok.special("<|output_start|>"), self.tok.special("<|output_end|>")

@@ -108,7 +108,6 @@ class ScriptedModel(torch.nn.Module):
             for t in idx[0].tolist():
                 self.inside = (self.inside or t == self.o_start) and t != self.o_end
                 self.own += not self.inside and t != self.o_end
-        kv_cache.insert(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
         kv_cache.advance(T)
         logits = torch.full((B, T, self.V), -10.0)
         logits[:, -1, self.script[min(self.own, len(self.script) - 1)]] = 10.0
