@@ -1113,6 +1113,14 @@ class CheckpointError(tok.DataError):
     """A checkpoint file that is missing, damaged or does not fit: named in one line."""
 
 
+WEIGHTS = "model.safetensors"  # a checkpoint's weights (safetensors: no pickle, and what the HF ecosystem reads)
+
+
+def weights_file(d: Path) -> Path:
+    """The weights of checkpoint folder d: model.safetensors, or model.pt where an older checkpoint has only that."""
+    return d / WEIGHTS if (d / WEIGHTS).exists() or not (d / "model.pt").exists() else d / "model.pt"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1129,7 +1137,7 @@ def _meta_digest(meta: dict) -> str:
 def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
                     rank_state=None, keep_last: int = -1):
     """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
-    when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
+    when all ranks are done. model.safetensors (WEIGHTS) and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
     state_rank{r}.pt (loader position, RNG) from every rank; meta["files"] holds the sha256 of every
     file (load_checkpoint verifies them). Called by all ranks together; with several nodes ckpt_dir
     must be on a shared filesystem."""
@@ -1139,12 +1147,13 @@ def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, r
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    mine = {"model.pt": model_state} if rank == 0 else {}
+    import hf  # the safetensors writer (hf.py imports this file)
+    mine = {WEIGHTS: model_state} if rank == 0 else {}
     mine.update({f"optim_rank{rank}.pt": optim_state, f"state_rank{rank}.pt": rank_state})
     sums = {}
     for name, obj in mine.items():
         if obj is not None:
-            torch.save(obj, tmp / name)
+            hf.save_safetensors(obj, tmp / name) if name == WEIGHTS else torch.save(obj, tmp / name)
             sums[name] = _sha256(tmp / name)  # read back: the checksum of what is on disk
     if dist.is_initialized():
         every = [None] * world_size
@@ -1169,7 +1178,8 @@ def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, r
 def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=True):
     """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last). Every file
     read is checked against its sha256 in meta.json first; training_state=False (inference) reads only
-    model.pt and meta.json. A damaged or missing file is a CheckpointError naming it."""
+    the weights and meta.json. The weights are model.safetensors, or model.pt in a checkpoint written before
+    it (both load). A damaged or missing file is a CheckpointError naming it."""
     ckpt_dir = Path(ckpt_dir)
     step = last_step(ckpt_dir) if step is None else step
     if step is None:
@@ -1184,6 +1194,8 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
     except (OSError, ValueError, AssertionError, AttributeError) as e:
         raise CheckpointError(f"{d / 'meta.json'}: damaged or missing ({type(e).__name__}: {e})") from None
 
+    import hf  # the safetensors reader
+
     def load(name, map_location):
         path = d / name
         if not path.exists():
@@ -1191,11 +1203,13 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
         if sums is not None and _sha256(path) != sums.get(name):
             raise CheckpointError(f"{path}: damaged (its sha256 differs from the one in meta.json)")
         try:
+            if name == WEIGHTS:
+                return {k: v.to(map_location) for k, v in hf.load_safetensors(path).items()}
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated, not a torch file, a pickle of something else, ...
             first = str(e).strip().split("\n")[0].split(". ")[0][:200]  # torch's advice to drop weights_only is not ours
             raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
-    model_state = load("model.pt", device)
+    model_state = load(weights_file(d).name, device)
     optim_state = rank_state = None
     if training_state and (d / f"optim_rank{rank}.pt").exists():
         optim_state = load(f"optim_rank{rank}.pt", device)
@@ -1218,7 +1232,7 @@ def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None)
     d = root / tag / f"step_{step:06d}"
     with restoring(d / "meta.json", "model config"):
         model = GPT(GPTConfig(**meta["model_config"]).validate())
-    with restoring(d / "model.pt", "weights"):
+    with restoring(weights_file(d), "weights"):
         model.load_state_dict(model_state)
     return model.to(device).eval(), tokenizer, meta
 
@@ -1264,7 +1278,7 @@ def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict,
     if optim_state is None or rank_state is None:
         raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
     d = ckpt_dir / f"step_{step:06d}"
-    with restoring(d / "model.pt", "weights"):
+    with restoring(weights_file(d), "weights"):
         model.load_state_dict(model_state)
     with restoring(d / f"optim_rank{rank}.pt", "optimizer state"):
         optimizer.load_state_dict(optim_state)
