@@ -1218,16 +1218,38 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
     return model_state, optim_state, rank_state, meta
 
 
+STAGES = ("base", "mid", "sft", "rl")  # the checkpoint sources; hf:DIR is an exported folder (hf.py)
+
+
+def source_type(value: str) -> str:
+    """argparse type of every --source / --init-from: a stage, or hf:DIR (a folder `engine.py export` wrote)."""
+    if value in STAGES or (value.startswith("hf:") and len(value) > 3):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected one of {', '.join(STAGES)}, or hf:DIR (an exported folder)")
+
+
+def source_label(source: str) -> str:
+    """A source as a file name (report sections): the stage, or hf-<folder name>."""
+    return f"hf-{Path(source[3:]).resolve().name}" if source.startswith("hf:") else source
+
+
 def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None):
     """(model in eval mode, tokenizer, meta) from checkpoints/<source>/<tag>/; tag None = the tag with
-    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with."""
+    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with.
+    source hf:DIR: an exported folder, rebuilt by hf.py (its own tokenizer; no tag or step)."""
+    if source.startswith("hf:"):
+        if tag is not None or step is not None:
+            raise ValueError(f"--source {source}: --tag and --step pick a checkpoint; an hf:DIR folder holds one model")
+        import hf
+        return hf.load_model(source[3:], device, tokenizer)
     root = checkpoint_root(source)
     tag = tag or newest_tag(source)
     if tag is None:
         raise FileNotFoundError(f"no {source} checkpoints under {root}")
     step = last_step(root / tag) if step is None else step
     model_state, _, _, meta = load_checkpoint(root / tag, step, device, training_state=False)
-    tokenizer = tokenizer or tok.get_tokenizer()
+    own = root / tag / "tokenizer"  # a run finetuned from hf:DIR keeps that folder's tokenizer (keep_tokenizer)
+    tokenizer = tokenizer or tok.get_tokenizer(own if own.is_dir() else None)
     check_tokenizer(meta, tokenizer, root / tag)
     d = root / tag / f"step_{step:06d}"
     with restoring(d / "meta.json", "model config"):
@@ -1235,6 +1257,13 @@ def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None)
     with restoring(weights_file(d), "weights"):
         model.load_state_dict(model_state)
     return model.to(device).eval(), tokenizer, meta
+
+
+def keep_tokenizer(ckpt_dir: Path, tokenizer, source: str, master: bool):
+    """A run that starts from hf:DIR trains with that folder's tokenizer, not $SPEEDCHAT_HOME's: keep it beside
+    the run's checkpoints (ckpt_dir/tokenizer), where load_model looks first."""
+    if source.startswith("hf:") and master:
+        tokenizer.save(Path(ckpt_dir) / "tokenizer")
 
 
 @contextlib.contextmanager

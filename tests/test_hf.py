@@ -78,3 +78,162 @@ def test_checkpoints_hold_safetensors_and_old_model_pt_still_loads(speedchat_hom
     (old / "model.pt").write_bytes(b"nonsense")
     with pytest.raises(train.CheckpointError, match=f"{old / 'model.pt'}: damaged"):
         train.load_model("base", "tiny", step=2)
+
+
+# ----------------------------------------------------------------------------- the export, in transformers
+
+# latin, CJK, emoji, digits, whitespace runs and special-token strings
+MIXED = ("Hello, wörld! Ça va? 你好，世界。日本語のテキスト 🙂🎉👍🏽 12345 3.14159 2024-06-01\n\n   indented\t\ttabs  "
+         "trailing   \r\nCRLF <|bos|>after<|user_start|>x<|assistant_end|> don't you'll I'VE")
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [{"role": "system", "content": "You are Zorblax. Answer briefly."}, {"role": "user", "content": "2+3?"},
+     {"role": "assistant", "content": [{"type": "text", "text": "Let me compute: "}, {"type": "python", "text": "2+3"},
+                                       {"type": "python_output", "text": "5"}, {"type": "text", "text": " It is 5."}]},
+     {"role": "user", "content": "and 你好 times 🙂?"}, {"role": "assistant", "content": "No idea.\n\n  Sorry."}],
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "a\n\nb   c"}],
+]
+
+
+def seeded_model(tokenizer, **kw):
+    """A tiny GPT with every part in play (GQA, value embeddings, S and L windows) and weights large
+    enough that positions matter and argmax has no near ties."""
+    cfg = dict(vocab_size=tokenizer.vocab_size, sequence_len=32, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SSL")
+    model = scramble(tiny_model(**{**cfg, **kw}), std=0.3)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.lm_head.weight, std=0.3)
+        model.resid_lambdas.uniform_(0.8, 1.2)
+        model.x0_lambdas.uniform_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A $SPEEDCHAT_HOME with a tokenizer and an sft checkpoint, exported fp32 and bf16 by the command line."""
+    import engine
+    home = tmp_path_factory.mktemp("hf") / "home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPEEDCHAT_HOME", str(home))
+        t = make_tokenizer()
+        model = seeded_model(t).eval()
+        save_base(t, model, source="sft", tag="tiny", step=7)
+        out = home.parent / "export"
+        assert engine.main(["export", "--source", "sft", "--out", str(out)]) == 0
+        assert engine.main(["export", "--source", "sft", "--out", str(out) + "-bf16", "--dtype", "bf16"]) == 0
+    return {"home": home, "model": model, "tokenizer": t, "out": out, "bf16": Path(str(out) + "-bf16")}
+
+
+@pytest.fixture(scope="module")
+def transformers_loaded(exported):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(exported["out"]), trust_remote_code=True).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(exported["out"]))
+    return transformers, model, tokenizer
+
+
+def test_export_folder_has_everything_transformers_reads(exported):
+    out = exported["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "generation_config.json", "model.safetensors",
+                                                     "modeling_speedchat.py", "special_tokens_map.json", "tokenizer.json",
+                                                     "tokenizer_config.json"]
+    assert not list(out.parent.glob(".*.tmp"))  # written into a temp folder and renamed
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_speedchat.SpeedchatForCausalLM"
+    assert config["speedchat"] == {"source": "sft", "tag": "tiny", "step": 7, "tokenizer_hash": exported["tokenizer"].hash}
+    assert (out / "modeling_speedchat.py").read_text() == (ROOT / "modeling_speedchat.py").read_text()
+    card = (out / "README.md").read_text()
+    assert "speedchat sft model (step 7)" in card and "trust_remote_code=True" in card
+    assert hf.load_safetensors(exported["bf16"] / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_export_refuses_a_non_empty_out_and_names_a_bad_source(exported, capsys, monkeypatch):
+    import engine
+    monkeypatch.setenv("SPEEDCHAT_HOME", str(exported["home"]))
+    with pytest.raises(SystemExit) as e:
+        engine.main(["export", "--source", "sft", "--out", str(exported["out"])])
+    assert "exists and is not empty (pass --overwrite" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="no rl checkpoints"):
+        engine.main(["export", "--source", "rl", "--out", str(exported["out"]) + "-none"])
+    assert not Path(str(exported["out"]) + "-none").exists()
+    with pytest.raises(SystemExit):  # argparse: not a source
+        engine.main(["export", "--source", "hf", "--out", "x"])
+    assert "expected one of base, mid, sft, rl, or hf:DIR" in capsys.readouterr().err
+
+
+def test_logits_equal_speedchat_on_prompts_longer_than_the_window(exported, transformers_loaded):
+    _, hf_model, _ = transformers_loaded
+    model = exported["model"]
+    ids = torch.randint(0, exported["tokenizer"].vocab_size, (2, 3 * model.config.sequence_len))  # windows 8 and 32
+    with torch.no_grad():
+        ours, theirs = model(ids), hf_model(ids).logits
+    assert theirs.dtype == torch.float32 and theirs.shape == ours.shape
+    diff = (ours - theirs).abs().max().item()
+    print(f"fp32 max abs logit diff: {diff:.3g} (logits up to {ours.abs().max().item():.3g})")
+    assert diff <= 1e-4
+    # one token at a time through transformers' cache: the same logits as the whole sequence at once
+    with torch.no_grad():
+        out = hf_model(ids[:, :40], use_cache=True)
+        steps = [out.logits[:, -1]]
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        for i in range(40, 60):
+            out = hf_model(ids[:, i:i + 1], cache=cache, use_cache=True)  # our forward takes cache or past_key_values
+            steps.append(out.logits[:, -1])
+    assert (torch.stack(steps[:-1], 1) - ours[:, 39:59]).abs().max().item() <= 1e-4
+
+
+def test_bf16_export_is_close(exported, transformers_loaded):
+    transformers, _, _ = transformers_loaded
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(exported["bf16"]), trust_remote_code=True).eval()
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    ids = torch.randint(0, exported["tokenizer"].vocab_size, (2, 96))
+    with torch.no_grad():
+        ours, theirs = exported["model"](ids), bf16(ids).logits
+    diff = (ours - theirs.float()).abs().max().item()
+    print(f"bf16 max abs logit diff vs fp32 speedchat: {diff:.3g} (logits up to {ours.abs().max().item():.3g})")
+    assert diff < 0.25 * ours.abs().max().item()
+
+
+def test_greedy_generate_equals_the_engine(exported, transformers_loaded):
+    import engine
+    _, hf_model, _ = transformers_loaded
+    t, model = exported["tokenizer"], exported["model"]
+    eng = engine.Engine(model, t, tool=None)
+    prompts = [t.render_for_completion(CONVERSATIONS[2]), torch.randint(0, t.vocab_size - 9, (45,)).tolist()]
+    for prompt in prompts:
+        ours = [out[0] for out, _ in eng.generate(prompt, 1, max_tokens=40, temperature=0.0)]
+        got = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False)[0, len(prompt):].tolist()
+        print(f"greedy: {len(got)} tokens from transformers, {len(ours)} from the engine, equal: {got == ours}")
+        assert got == ours
+    # a left-padded batch (lm_eval's generate_until, any batched generate) gives each row its own answer
+    a, b = prompts[1][:30], prompts[1][5:45]
+    pad = t.bos_id
+    batch = torch.tensor([[pad] * (len(b) - len(a)) + a, b])
+    mask = torch.tensor([[0] * (len(b) - len(a)) + [1] * len(a), [1] * len(b)])
+    got = hf_model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None)[:, len(b):]
+    for row, prompt in zip(got.tolist(), (a, b)):
+        assert row == [out[0] for out, _ in eng.generate(prompt, 1, max_tokens=12, temperature=0.0)][:12]
+
+
+def test_tokenizer_encodes_and_decodes_as_tok_py(exported, transformers_loaded):
+    _, _, hf_tok = transformers_loaded
+    t = exported["tokenizer"]
+    plain = MIXED.replace("<|", "< |")
+    assert hf_tok.encode(plain) == t.encode(plain)  # encode adds no token, as tok.py's
+    assert hf_tok.encode(MIXED) == t.enc.encode(MIXED, allowed_special="all")  # special-token strings are the specials
+    ids = t.encode(plain)
+    assert hf_tok.decode(ids) == t.decode(ids) == plain
+    assert hf_tok.convert_tokens_to_ids(tok.SPECIAL_TOKENS) == [t.special(s) for s in tok.SPECIAL_TOKENS]
+    assert hf_tok.bos_token_id == t.bos_id and hf_tok.eos_token_id == t.special("<|assistant_end|>")
+    # and back: tok.Tokenizer rebuilt from the exported tokenizer.json is the same tokenizer
+    assert hf.tokenizer_from_hf(exported["out"] / "tokenizer.json").hash == t.hash
+
+
+@pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
+def test_chat_template_renders_as_tok_py(exported, transformers_loaded, k):
+    _, _, hf_tok = transformers_loaded
+    t, conv = exported["tokenizer"], CONVERSATIONS[k]
+    ids = lambda r: list(r["input_ids"] if hasattr(r, "keys") else r)  # noqa: E731  (a BatchEncoding in transformers 5)
+    if conv[-1]["role"] == "assistant":
+        assert ids(hf_tok.apply_chat_template(conv, tokenize=True)) == t.render_conversation(conv, max_tokens=1 << 30)[0]
+    prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv  # render_for_completion leaves a last answer out
+    assert ids(hf_tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)) == t.render_for_completion(conv)
