@@ -237,3 +237,114 @@ def test_chat_template_renders_as_tok_py(exported, transformers_loaded, k):
         assert ids(hf_tok.apply_chat_template(conv, tokenize=True)) == t.render_conversation(conv, max_tokens=1 << 30)[0]
     prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv  # render_for_completion leaves a last answer out
     assert ids(hf_tok.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)) == t.render_for_completion(conv)
+
+
+# ----------------------------------------------------------------------------- hf:DIR back into speedchat
+
+def test_hf_dir_loads_back_as_the_same_model_and_tokenizer(exported):
+    model, t, meta = train.load_model(f"hf:{exported['out']}")
+    assert t.hash == exported["tokenizer"].hash and not model.training
+    assert meta["step"] == 7 and meta["stage"] == "sft" and meta["model_config"] == train.asdict(exported["model"].config)
+    assert all(torch.equal(a, b) for a, b in zip(exported["model"].state_dict().values(), model.state_dict().values()))
+    half, _, _ = train.load_model(f"hf:{exported['bf16']}")  # bf16 weights come back as fp32 master weights
+    assert next(half.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="--tag and --step pick a checkpoint"):
+        train.load_model(f"hf:{exported['out']}", tag="x")
+
+
+def test_engine_chat_and_serve_take_hf_dir(exported, capsys):
+    """With an empty $SPEEDCHAT_HOME: everything comes from the folder."""
+    import engine, serve
+    t, src = exported["tokenizer"], f"hf:{exported['out']}"
+    assert engine.main(["chat", "--source", src, "-p", "hi there", "--max-tokens", "6", "--temperature", "0", "--device", "cpu"]) == 0
+    prompt = t.render_for_completion([{"role": "user", "content": "hi there"}])
+    ref = [o[0] for o, _ in engine.Engine(exported["model"], t, tool=None).generate(prompt, 1, max_tokens=6, temperature=0.0)]
+    shown = capsys.readouterr().out
+    assert t.decode([i for i in ref if i not in (t.bos_id, t.special("<|assistant_end|>"))]) in shown
+    workers, meta = serve.load_workers(src, None, None, 1, "cpu")
+    client = serve.create_app(workers, model_name="speedchat-" + train.source_label(src)).test_client()
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6, "temperature": 0})
+    assert r.status_code == 200 and r.json["model"] == "speedchat-hf-export"
+    assert r.json["choices"][0]["message"]["content"] == t.decode([i for i in ref if i != t.special("<|assistant_end|>")])
+
+
+def test_evals_takes_hf_dir_and_writes_its_own_section(exported, speedchat_home):
+    import evals
+    evals.main(["chat", "--source", f"hf:{exported['out']}", "--device", "cpu", "-a", "SpellingBee", "--max-problems", "2",
+                "--max-new-tokens", "4"])
+    section = json.loads((speedchat_home / "report" / "hf-export.json").read_text())
+    assert "SpellingBee" in section
+
+
+@pytest.mark.heavy(4)
+def test_chat_sft_finetunes_from_hf_dir(exported, speedchat_home, tmp_path):
+    """A model fetched from the Hub, finetuned: its tokenizer goes along into the new checkpoints."""
+    import chat_sft
+    chats = [{"messages": [{"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": f"It is {i}."}]}
+             for i in range(40)]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    out = chat_sft.main(["--stage", "sft", "--init-from", f"hf:{exported['out']}", "--data", str(data), "--num-iterations", "2",
+                         "--device-batch-size", "4", "--total-batch-size", "4", "--val-share", "0", "--device", "cpu"])
+    assert out["step"] == 2 and out["ckpt_dir"].name == "export"
+    assert not (speedchat_home / "tokenizer").exists()  # $SPEEDCHAT_HOME has none: the folder's is kept beside the run
+    model, t, meta = train.load_model("sft", "export")
+    assert t.hash == exported["tokenizer"].hash and meta["train"]["init_from"] == f"hf:{exported['out']}"
+
+
+# ----------------------------------------------------------------------------- damaged exports
+
+def _damaged(exported, tmp_path, how):
+    d = tmp_path / "damaged"
+    shutil.copytree(exported["out"], d)
+    if how.startswith("missing ") and how.endswith("json") or how.endswith("safetensors"):
+        (d / how.split()[1]).unlink()
+    elif how == "wrong shape":
+        state = hf.load_safetensors(d / "model.safetensors")
+        state["blocks.0.attn.c_q.weight"] = torch.zeros(3, 5)
+        hf.save_safetensors(state, d / "model.safetensors")
+    elif how == "missing tensor":
+        state = hf.load_safetensors(d / "model.safetensors")
+        del state["x0_lambdas"]
+        hf.save_safetensors(state, d / "model.safetensors")
+    elif how == "truncated weights":
+        b = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(b[:len(b) // 2])
+    elif how == "another model":
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    elif how == "another tokenizer":
+        state = json.loads((d / "tokenizer.json").read_text())
+        state["model"]["merges"] = state["model"]["merges"][::-1]
+        (d / "tokenizer.json").write_text(json.dumps(state))
+    return d
+
+
+DAMAGE = {"missing config.json": "config.json: missing", "missing model.safetensors": "model.safetensors: missing",
+          "missing tokenizer.json": "tokenizer.json: missing",
+          "wrong shape": "model.safetensors: tensor 'blocks.0.attn.c_q.weight' has shape [3, 5], the config needs [64, 64]",
+          "missing tensor": "model.safetensors: tensor 'x0_lambdas' missing",
+          "truncated weights": "model.safetensors: unreadable", "another model": "config.json: model_type 'llama', not a speedchat model",
+          "another tokenizer": "tokenizer.json: merge 0"}
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_export_is_one_line_naming_the_file(exported, tmp_path, capsys, how):
+    import engine
+    d = _damaged(exported, tmp_path, how)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tok.run_main(lambda: engine.main(["chat", "--source", f"hf:{d}", "-p", "hi", "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("error: engine.py chat: ") and f"{d}/{DAMAGE[how]}" in err, err
+
+
+def test_a_folder_that_is_no_export_is_one_line(tmp_path, capsys):
+    import serve
+    (tmp_path / "notes.txt").write_text("hello")
+    for folder, says in ((tmp_path, f"{tmp_path}/config.json: missing"), (tmp_path / "nope", f"hf:{tmp_path / 'nope'}: no such folder")):
+        with pytest.raises(SystemExit) as e:
+            tok.run_main(lambda: serve.main(["--source", f"hf:{folder}", "--device", "cpu", "--port", "0"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
