@@ -235,7 +235,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="RL on verifiable tasks (chat_rl.py)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--task", default="gsm8k", choices=list(TASKS), help="gsm8k: GSM8K train/test; toy: offline ToyMath train/test")
-    a("--init-from", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage to start from")
+    a("--init-from", default="sft", type=train.source_type, help="checkpoint stage to start from: base, mid, sft, rl, or hf:DIR")
     a("--init-tag", default=None, help="its tag (default: the newest)")
     a("--init-step", type=int, default=None, help="its step (default: the last)")
     a("--tag", default=None, help="output folder checkpoints/rl/<tag> (default: --init-tag, else d<depth>)")
@@ -316,6 +316,7 @@ def run(args):
     if args.resume:
         start_step, state = resume(ckpt_dir, model, optimizer, tokenizer, rl_meta, device, rank, ws)
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
+    train.keep_tokenizer(ckpt_dir, tokenizer, args.init_from, master)
 
     def log(entry):
         if master:

@@ -514,7 +514,8 @@ def parse_args(argv=None):
     a("--skip-bad-rows", action="store_true", help="skip (and count) --data rows that fail the checks instead of stopping")
     a("--val-share", type=float, default=VAL_SHARE, help="of each --data source held out, measured at the start and end "
       "(validation loss, exact turns, token F1), at least one conversation; 0 = none")
-    a("--init-from", default=None, help="base | mid: the checkpoint to start from (default: base for mid, mid for sft)")
+    a("--init-from", default=None, type=train.source_type,
+      help="base | mid | hf:DIR: the checkpoint to start from (default: base for mid, mid for sft)")
     a("--model-tag", default=None, help="tag of that checkpoint (default: its newest)")
     a("--model-step", type=int, default=None, help="step of that checkpoint (default: its last)")
     a("--tag", default=None, help="output folder checkpoints/<stage>/<tag> (default: the source's tag)")
@@ -567,8 +568,8 @@ def check_args(args):
             # sft straight from base meets the special tokens for the first time: it needs mid's full rates
             # (toy world: at 0.02 it never learns to end a turn; at 1.0 it does)
             setattr(args, k, 1.0 if k == "init_lr_frac" and args.init_from == "base" else d[k])
-    if args.init_from not in ("base", "mid") or (args.stage == "mid" and args.init_from == "mid"):
-        raise SystemExit(f"--init-from {args.init_from}: use base{' or mid' if args.stage == 'sft' else ''} for --stage {args.stage}")
+    if (args.init_from not in ("base", "mid") and not args.init_from.startswith("hf:")) or (args.stage == "mid" and args.init_from == "mid"):
+        raise SystemExit(f"--init-from {args.init_from}: use base{' or mid' if args.stage == 'sft' else ''} (or hf:DIR) for --stage {args.stage}")
     if args.num_iterations == 0 or args.num_iterations < -1:
         raise SystemExit(f"--num-iterations {args.num_iterations}: must be >= 1 (or -1 for one pass)")
     if args.max_problems == 0:
@@ -589,12 +590,13 @@ def eval_task_names(spec, mixture) -> list:
 
 def load_source(source, tag, step, device, flag="--init-from"):
     """(model, tokenizer, meta, tag) of checkpoints/<source>/<tag>; a one-line error naming the flag."""
-    tag = tag or train.newest_tag(source)
+    hf_dir = source.startswith("hf:")
+    tag = tag or (Path(source[3:]).resolve().name if hf_dir else train.newest_tag(source))  # hf:DIR: the folder names the run
     if tag is None:
         hint = "; run --stage mid first, or pass --init-from base" if source == "mid" and flag == "--init-from" else ""
         raise SystemExit(f"{flag} {source}: no {source} checkpoints under {train.checkpoint_root(source)}{hint}")
     try:
-        model, tokenizer, meta = train.load_model(source, tag, step, device)
+        model, tokenizer, meta = train.load_model(source, None if hf_dir else tag, step, device)
     except (FileNotFoundError, ValueError, tok.DataError) as e:
         raise SystemExit(f"{flag} {source} --model-tag {tag}: {e}") from None
     return model, tokenizer, meta, tag
@@ -654,6 +656,7 @@ def finetune(args):
         heldout_start = meta["loop"].get("heldout_start")
         train.print0(f"resumed {ckpt_dir} at step {start_step}")
     train.prepare_run_dir(ckpt_dir, log_path, args.resume, args.overwrite, start_step, master)
+    train.keep_tokenizer(ckpt_dir, tokenizer, args.init_from, master)
     if heldout and start_step == 0:  # the held-out share before training, for the report's before/after
         heldout_start = say_heldout("start", heldout_check(model, tokenizer, heldout, device, T, args.device_batch_size))
 

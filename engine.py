@@ -9,6 +9,7 @@ stream), the code sandbox itself, and a terminal chat.
     python engine.py chat --source base -p "Once upon"  # a base model does plain completion
     python engine.py exec "12*7"                        # run code in the sandbox: prints 84
     python engine.py sandbox                            # which of the sandbox's layers this machine has
+    python engine.py export --source sft --out DIR      # a Hugging Face folder (hf.py); --source hf:DIR reads one back
 
 Reads top to bottom: constants, the sandbox, the KV cache, sampling, the streamer, the tool state
 machine, the Engine (the main loop), the chat CLI, __main__.
@@ -1346,7 +1347,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="speedchat inference: terminal chat and the code sandbox")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streams tokens)")
-    c.add_argument("--source", default="sft", choices=["base", "sft", "rl"], help="checkpoint stage (base: plain completion)")
+    c.add_argument("--source", default="sft", type=train.source_type, help="checkpoint stage: base (plain completion), mid, sft, rl, or hf:DIR")
     c.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
     c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     c.add_argument("-p", "--prompt", default=None, help="answer this once and exit")
@@ -1360,6 +1361,13 @@ def main(argv=None):
     x.add_argument("code", help="the code; '-' reads it from stdin")
     x.add_argument("--timeout", type=float, default=SANDBOX_TIMEOUT)
     sub.add_parser("sandbox", help="which of the sandbox's protections this machine provides")
+    e = sub.add_parser("export", help="a checkpoint as a Hugging Face folder (transformers, trust_remote_code; hf.py)")
+    e.add_argument("--source", default="sft", type=train.source_type, help="base, mid, sft, rl (or hf:DIR)")
+    e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    e.add_argument("--out", required=True, help="the folder to write (written whole, or not at all)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="of the exported weights")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
     if args.command == "chat" and args.max_tokens < 1:
         parser.error(f"--max-tokens {args.max_tokens}: must be at least 1")
@@ -1380,11 +1388,20 @@ def main(argv=None):
         if not r.success:
             print(f"Error: {r.error}", file=sys.stderr)
         return 0 if r.success else 1
+    if args.command == "export":
+        import hf
+        try:
+            out = hf.export(args.source, args.tag, args.step, args.out, args.dtype, args.overwrite)
+        except (OSError, ValueError, tok.DataError) as e:
+            raise SystemExit(f"engine.py export: {e}") from None
+        print(f"exported {args.source} to {out}: load it with transformers' AutoModelForCausalLM.from_pretrained"
+              f"({str(out)!r}, trust_remote_code=True), or here with --source hf:{out}")
+        return 0
     try:
         eng, meta = load_engine(args.source, args.tag, args.step, args.device)
     except (OSError, ValueError, tok.DataError) as e:  # no checkpoint, wrong tokenizer, ...
         raise SystemExit(f"engine.py chat: {e}") from None
-    chat(eng, completion=args.source == "base", prompt=args.prompt, temperature=args.temperature,
+    chat(eng, completion=(meta.get("stage") or args.source) == "base", prompt=args.prompt, temperature=args.temperature,
          top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     return 0
 

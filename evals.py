@@ -1095,7 +1095,8 @@ def parse_args(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("core", "CORE of a checkpoint (DCLM eval bundle)"), ("chat", "chat tasks and ChatCORE of a checkpoint")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--source", default="base" if name == "core" else "sft", choices=["base", "mid", "sft", "rl"])
+        p.add_argument("--source", default="base" if name == "core" else "sft", type=train.source_type,
+                       help="base, mid, sft, rl, or hf:DIR (an exported folder; its section: hf-<folder>)")
         p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
         p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -1142,21 +1143,21 @@ def main(argv=None):
             model, tokenizer, meta = train.load_model(args.source, args.tag, args.step, device)
         except (FileNotFoundError, ValueError) as e:
             raise EvalError(f"--source {args.source}: {e}") from None
-        t0 = time.time()
+        t0, section = time.time(), train.source_label(args.source)
         if args.cmd == "core":
             if rank == 0:
                 ensure_bundle()  # one rank downloads; the others find it (the file lock covers races too)
             res = evaluate_core(model, tokenizer, device, args.max_per_task, batch_tokens=args.batch_tokens)
             if rank == 0:
-                tok.write_section(args.source, {**core_report(res), "core_eval_s": round(time.time() - t0, 1)})
-                tok.write_section(f"core_{args.source}", {**{f"acc/{k}": v for k, v in res["results"].items()},
+                tok.write_section(section, {**core_report(res), "core_eval_s": round(time.time() - t0, 1)})
+                tok.write_section(f"core_{section}", {**{f"acc/{k}": v for k, v in res["results"].items()},
                                                       **{f"centered/{k}": v for k, v in res["centered"].items()}})
         else:
             tasks = [get_task(n) for n in names]
             gen = engine_generate(model, tokenizer, args.max_new_tokens, args.temperature)
             res = evaluate_chat(model, tokenizer, device, tasks, args.max_problems, gen)
             if rank == 0:
-                tok.write_section(args.source, {**res, "chat_eval_s": round(time.time() - t0, 1)})
+                tok.write_section(section, {**res, "chat_eval_s": round(time.time() - t0, 1)})
         train.compute_cleanup()
     except (EvalError, tok.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

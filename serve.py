@@ -41,6 +41,7 @@ from werkzeug.exceptions import HTTPException
 
 import engine
 import tok
+import train
 
 # ---------------------------------------------------------------------------------------------
 # Limits. Out-of-range numbers are clamped to these ranges; wrong types and oversized input are
@@ -611,7 +612,8 @@ def load_workers(source, tag, step, workers, device):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="speedchat server: the chat page and an OpenAI-compatible API")
-    p.add_argument("--source", default="sft", choices=["sft", "rl", "base"], help="checkpoint stage (base: plain completion)")
+    p.add_argument("--source", default="sft", type=train.source_type,
+                   help="checkpoint stage: base (plain completion), mid, sft, rl, or hf:DIR (an exported folder)")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -639,11 +641,12 @@ def main(argv=None):
     tool = python_tool(args.require_sandbox)
     for w in workers:
         w.engine.tool = tool
-    name = "-".join(str(x) for x in ("speedchat", args.source, args.tag, meta.get("step") and f"step{meta['step']}") if x)
+    label = train.source_label(args.source)  # hf:DIR as hf-<folder>
+    name = "-".join(str(x) for x in ("speedchat", label, args.tag, meta.get("step") and f"step{meta['step']}") if x)
     info = {"source": args.source, "tag": args.tag, "step": meta.get("step")}
     if toy_model(meta):
         info.update(examples=tok.ToyWorld().example_questions(), note="A toy-world model: it knows its own world. Try:")
-    app = create_app(workers, model_name=name, completion=args.source == "base", max_queue=args.max_queue,
+    app = create_app(workers, model_name=name, completion=(meta.get("stage") or args.source) == "base", max_queue=args.max_queue,
                      queue_timeout=args.queue_timeout, log_conversations=args.log_conversations, info=info)
     try:
         server = make_server(app, args.host, args.port, len(workers) + args.max_queue + EXTRA_THREADS, args.dev_server)

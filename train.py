@@ -1122,6 +1122,14 @@ class CheckpointError(tok.DataError):
     """A checkpoint file that is missing, damaged or does not fit: named in one line."""
 
 
+WEIGHTS = "model.safetensors"  # a checkpoint's weights (safetensors: no pickle, and what the HF ecosystem reads)
+
+
+def weights_file(d: Path) -> Path:
+    """The weights of checkpoint folder d: model.safetensors, or model.pt where an older checkpoint has only that."""
+    return d / WEIGHTS if (d / WEIGHTS).exists() or not (d / "model.pt").exists() else d / "model.pt"
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -1138,7 +1146,7 @@ def _meta_digest(meta: dict) -> str:
 def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, rank=0, world_size=1,
                     rank_state=None, keep_last: int = -1):
     """Write ckpt_dir/step_NNNNNN/ atomically: everything goes into a .tmp folder that rank 0 renames
-    when all ranks are done. model.pt and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
+    when all ranks are done. model.safetensors (WEIGHTS) and meta.json from rank 0; optim_rank{r}.pt (sharded state) and
     state_rank{r}.pt (loader position, RNG) from every rank; meta["files"] holds the sha256 of every
     file (load_checkpoint verifies them). Called by all ranks together; with several nodes ckpt_dir
     must be on a shared filesystem."""
@@ -1148,12 +1156,13 @@ def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, r
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    mine = {"model.pt": model_state} if rank == 0 else {}
+    import hf  # the safetensors writer (hf.py imports this file)
+    mine = {WEIGHTS: model_state} if rank == 0 else {}
     mine.update({f"optim_rank{rank}.pt": optim_state, f"state_rank{rank}.pt": rank_state})
     sums = {}
     for name, obj in mine.items():
         if obj is not None:
-            torch.save(obj, tmp / name)
+            hf.save_safetensors(obj, tmp / name) if name == WEIGHTS else torch.save(obj, tmp / name)
             sums[name] = _sha256(tmp / name)  # read back: the checksum of what is on disk
     if dist.is_initialized():
         every = [None] * world_size
@@ -1178,7 +1187,8 @@ def save_checkpoint(ckpt_dir, step: int, model_state, optim_state, meta: dict, r
 def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=True):
     """(model_state, optim_state or None, rank_state or None, meta) of step (default: the last). Every file
     read is checked against its sha256 in meta.json first; training_state=False (inference) reads only
-    model.pt and meta.json. A damaged or missing file is a CheckpointError naming it."""
+    the weights and meta.json. The weights are model.safetensors, or model.pt in a checkpoint written before
+    it (both load). A damaged or missing file is a CheckpointError naming it."""
     ckpt_dir = Path(ckpt_dir)
     step = last_step(ckpt_dir) if step is None else step
     if step is None:
@@ -1193,6 +1203,8 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
     except (OSError, ValueError, AssertionError, AttributeError) as e:
         raise CheckpointError(f"{d / 'meta.json'}: damaged or missing ({type(e).__name__}: {e})") from None
 
+    import hf  # the safetensors reader
+
     def load(name, map_location):
         path = d / name
         if not path.exists():
@@ -1200,11 +1212,13 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
         if sums is not None and _sha256(path) != sums.get(name):
             raise CheckpointError(f"{path}: damaged (its sha256 differs from the one in meta.json)")
         try:
+            if name == WEIGHTS:
+                return {k: v.to(map_location) for k, v in hf.load_safetensors(path).items()}
             return torch.load(path, map_location=map_location, weights_only=True)
         except Exception as e:  # truncated, not a torch file, a pickle of something else, ...
             first = str(e).strip().split("\n")[0].split(". ")[0][:200]  # torch's advice to drop weights_only is not ours
             raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {first})") from None
-    model_state = load("model.pt", device)
+    model_state = load(weights_file(d).name, device)
     optim_state = rank_state = None
     if training_state and (d / f"optim_rank{rank}.pt").exists():
         optim_state = load(f"optim_rank{rank}.pt", device)
@@ -1213,23 +1227,52 @@ def load_checkpoint(ckpt_dir, step=None, device="cpu", rank=0, training_state=Tr
     return model_state, optim_state, rank_state, meta
 
 
+STAGES = ("base", "mid", "sft", "rl")  # the checkpoint sources; hf:DIR is an exported folder (hf.py)
+
+
+def source_type(value: str) -> str:
+    """argparse type of every --source / --init-from: a stage, or hf:DIR (a folder `engine.py export` wrote)."""
+    if value in STAGES or (value.startswith("hf:") and len(value) > 3):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected one of {', '.join(STAGES)}, or hf:DIR (an exported folder)")
+
+
+def source_label(source: str) -> str:
+    """A source as a file name (report sections): the stage, or hf-<folder name>."""
+    return f"hf-{Path(source[3:]).resolve().name}" if source.startswith("hf:") else source
+
+
 def load_model(source="base", tag=None, step=None, device="cpu", tokenizer=None):
     """(model in eval mode, tokenizer, meta) from checkpoints/<source>/<tag>/; tag None = the tag with
-    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with."""
+    the newest checkpoint, step None = its last step. Refuses a tokenizer other than the one trained with.
+    source hf:DIR: an exported folder, rebuilt by hf.py (its own tokenizer; no tag or step)."""
+    if source.startswith("hf:"):
+        if tag is not None or step is not None:
+            raise ValueError(f"--source {source}: --tag and --step pick a checkpoint; an hf:DIR folder holds one model")
+        import hf
+        return hf.load_model(source[3:], device, tokenizer)
     root = checkpoint_root(source)
     tag = tag or newest_tag(source)
     if tag is None:
         raise FileNotFoundError(f"no {source} checkpoints under {root}")
     step = last_step(root / tag) if step is None else step
     model_state, _, _, meta = load_checkpoint(root / tag, step, device, training_state=False)
-    tokenizer = tokenizer or tok.get_tokenizer()
+    own = root / tag / "tokenizer"  # a run finetuned from hf:DIR keeps that folder's tokenizer (keep_tokenizer)
+    tokenizer = tokenizer or tok.get_tokenizer(own if own.is_dir() else None)
     check_tokenizer(meta, tokenizer, root / tag)
     d = root / tag / f"step_{step:06d}"
     with restoring(d / "meta.json", "model config"):
         model = GPT(GPTConfig(**meta["model_config"]).validate())
-    with restoring(d / "model.pt", "weights"):
+    with restoring(weights_file(d), "weights"):
         model.load_state_dict(model_state)
     return model.to(device).eval(), tokenizer, meta
+
+
+def keep_tokenizer(ckpt_dir: Path, tokenizer, source: str, master: bool):
+    """A run that starts from hf:DIR trains with that folder's tokenizer, not $SPEEDCHAT_HOME's: keep it beside
+    the run's checkpoints (ckpt_dir/tokenizer), where load_model looks first."""
+    if source.startswith("hf:") and master:
+        tokenizer.save(Path(ckpt_dir) / "tokenizer")
 
 
 @contextlib.contextmanager
@@ -1273,7 +1316,7 @@ def load_resume(ckpt_dir: Path, config, tokenizer, section: str, settings: dict,
     if optim_state is None or rank_state is None:
         raise SystemExit(f"--resume: {ckpt_dir} step {meta['step']} has no optimizer/rank state for rank {rank}")
     d = ckpt_dir / f"step_{step:06d}"
-    with restoring(d / "model.pt", "weights"):
+    with restoring(weights_file(d), "weights"):
         model.load_state_dict(model_state)
     with restoring(d / f"optim_rank{rank}.pt", "optimizer state"):
         optimizer.load_state_dict(optim_state)

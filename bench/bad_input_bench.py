@@ -9,7 +9,7 @@ bench/bad_input_bench.py: how bad data and damaged checkpoints end (issue 18), a
 
 `schema` times the download until its error and counts the requests the server saw (a format error must
 not be retried). `damage` trains a tiny model for 6 steps in a temporary SPEEDCHAT_HOME, then damages one
-file of its checkpoint at a time and runs each command on it: a damaged model.pt or meta.json must end
+file of its checkpoint at a time and runs each command on it: a damaged model.safetensors or meta.json must end
 in one line naming the file with exit status 2, for all three; a damaged optimizer or RNG state must
 stop only `train.py --resume` (inference never reads it: serve then serves until the bench stops it).
 """
@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch
 
-import tok
+import hf, tok
 
-FILES = ("model.pt", "meta.json", "optim_rank0.pt", "state_rank0.pt")
+FILES = ("model.safetensors", "meta.json", "optim_rank0.pt", "state_rank0.pt")
 DAMAGES = ("truncated", "empty", "garbage", "pickle", "wrongshape", "flip")
 TINY = ["--depth", "1", "--n-embd", "64", "--n-head", "2", "--max-seq-len", "64", "--device-batch-size", "4",
         "--total-batch-size", "256", "--num-iterations", "6", "--eval-every", "3", "--sample-every", "-1",
@@ -63,12 +63,13 @@ def damage(path: Path, how: str) -> bool:
     elif how == "pickle": path.write_bytes(pickle.dumps({"x": 1}))
     elif how == "flip": path.write_bytes(b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])
     elif how == "wrongshape":  # a well-formed file holding a tensor of the wrong shape
-        sd = torch.load(path, weights_only=True) if path.suffix == ".pt" else None
+        st = path.suffix == ".safetensors"
+        sd = hf.load_safetensors(path) if st else torch.load(path, weights_only=True) if path.suffix == ".pt" else None
         key = next((k for k, v in sd.items() if torch.is_tensor(v)), None) if isinstance(sd, dict) else None
         if key is None:
             return False
         sd[key] = torch.zeros(3, 5)
-        torch.save(sd, path)
+        hf.save_safetensors(sd, path) if st else torch.save(sd, path)
     return True
 
 
@@ -124,8 +125,8 @@ def hash_cost(mb: int):
     cfg = train.GPTConfig(n_layer=20, n_embd=1280, n_head=10, n_kv_head=10, vocab_size=32768)
     with torch.device("meta"):
         params = sum(p.numel() for p in train.GPT(cfg).parameters())
-    size = params * 4 / 2**20  # model.pt holds fp32 weights
-    print(f"sha256: {rate:.0f} MB/s on this machine; a d20 model.pt ({params / 1e6:.0f} M params, {size:.0f} MB): "
+    size = params * 4 / 2**20  # model.safetensors holds fp32 weights
+    print(f"sha256: {rate:.0f} MB/s on this machine; a d20 model.safetensors ({params / 1e6:.0f} M params, {size:.0f} MB): "
           f"{size / rate:.2f} s to hash, once on save and once on load")
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import engine, serve, tok, train
+import engine, hf, serve, tok, train
 from _helpers_train import make_corpus, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +161,10 @@ def damage(path: Path, how: str):
     elif how == "pickle":
         path.write_bytes(pickle.dumps({"lm_head.weight": [1, 2, 3]}))
     elif how == "wrong-shape":
-        state = torch.load(path, weights_only=True)
+        safetensors = path.suffix == ".safetensors"
+        state = hf.load_safetensors(path) if safetensors else torch.load(path, weights_only=True)
         state["lm_head.weight"] = torch.zeros(3, 5)
-        torch.save(state, path)
+        hf.save_safetensors(state, path) if safetensors else torch.save(state, path)
     elif how == "flipped-byte":
         path.write_bytes(b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])
 
@@ -178,15 +179,15 @@ COMMANDS = {
 @pytest.mark.parametrize("how", ["truncated", "empty", "garbage", "pickle", "wrong-shape", "flipped-byte"])
 @pytest.mark.parametrize("command", COMMANDS)
 def test_damaged_weights_are_one_line_naming_the_file(ckpt, speedchat_home, capsys, command, how):
-    damage(ckpt / "model.pt", how)
+    damage(ckpt / train.WEIGHTS, how)
     before = sorted(p.name for p in ckpt.parent.iterdir())
     code, err = exits(lambda: COMMANDS[command](speedchat_home), capsys)
     assert code == 2
-    one_line_naming(err, f"{ckpt / 'model.pt'}: damaged")
+    one_line_naming(err, f"{ckpt / train.WEIGHTS}: damaged")
     assert sorted(p.name for p in ckpt.parent.iterdir()) == before  # nothing written, nothing half-written
 
 
-@pytest.mark.parametrize("name", ["meta.json", "model.pt", "optim_rank0.pt", "state_rank0.pt"])
+@pytest.mark.parametrize("name", ["meta.json", train.WEIGHTS, "optim_rank0.pt", "state_rank0.pt"])
 def test_one_flipped_byte_is_refused_on_load(ckpt, name):
     damage(ckpt / name, "flipped-byte")
     with pytest.raises(train.CheckpointError, match=f"{ckpt / name}: damaged"):
@@ -208,8 +209,8 @@ def test_checkpoints_without_checksums_still_fail_by_name(ckpt, how, says):
     del meta["files"]  # as written before checksums
     (ckpt / "meta.json").write_text(json.dumps(meta))
     train.load_model("base", "t", device="cpu")  # loads
-    damage(ckpt / "model.pt", how)
-    with pytest.raises(train.CheckpointError, match=f"{ckpt / 'model.pt'}: {says}"):
+    damage(ckpt / train.WEIGHTS, how)
+    with pytest.raises(train.CheckpointError, match=f"{ckpt / train.WEIGHTS}: {says}"):
         train.load_model("base", "t", device="cpu")
 
 
@@ -228,9 +229,9 @@ def test_inference_reads_only_weights_and_metadata(ckpt, capsys):
                                           ("serve.py", ["--source", "base", "--port", "0"]),
                                           ("train.py", None)])
 def test_the_command_lines_exit_2_with_one_line(ckpt, speedchat_home, script, args):
-    damage(ckpt / "model.pt", "truncated")
+    damage(ckpt / train.WEIGHTS, "truncated")
     env = dict(os.environ, SPEEDCHAT_HOME=str(speedchat_home), CUDA_VISIBLE_DEVICES="")
     r = subprocess.run([sys.executable, script, *(args or resume_args(speedchat_home))], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
-    one_line_naming(r.stderr, f"{ckpt / 'model.pt'}: damaged")
+    one_line_naming(r.stderr, f"{ckpt / train.WEIGHTS}: damaged")
