@@ -226,7 +226,7 @@ def test_resume_is_exact(stage):
     (["--stage", "sft", "--mixture", "nope"], "--mixture nope: unknown mixture; known: default, toy"),
     (["--stage", "sft", "--mixture", "toy", "-a", "ToyFacts,Nope"], "-a Nope: unknown task"),
     (["--stage", "sft", "--mixture", "toy"], "--init-from mid: no mid checkpoints"),
-    (["--stage", "mid", "--mixture", "toy", "--init-from", "mid"], "--init-from mid: use base for --stage mid"),
+    (["--stage", "mid", "--mixture", "toy", "--init-from", "mid"], "--init-from mid: use base (or hf:DIR) for --stage mid"),
     (["--stage", "mid", "--mixture", "toy", "--resume"], "--resume: no checkpoint"),
     (["--stage", "sft", "--mixture", "toy", "--init-from", "base", "--device-batch-size", "3"], "--total-batch-size 32"),
     (["--stage", "sft", "--num-iterations", "0"], "--num-iterations 0"),
