@@ -850,7 +850,7 @@ class Engine:
 PAGE_TOKENS = 16       # tokens per KV page: small pages waste little, the gather index stays cheap
 PREFILL_CHUNK = 256    # prompt tokens prefilled per scheduler step, between two decode steps
 MAX_ROWS = 64          # rows decoded together (a request with n samples holds n)
-MAX_WAITING = 256      # requests that may wait for a row; more are refused (QueueFull)
+MAX_WAITING = 256      # rows that may wait beyond max_rows (queued requests' samples); more are refused (QueueFull)
 TOOL_THREADS = 8       # python tool calls that run at once, off the decode loop
 
 
@@ -1008,8 +1008,8 @@ class Request:
 class Batcher:
     """Continuous batching over one Engine: submit() requests from any thread; one scheduler thread
     runs every forward. Caps: max_rows rows at once, cache_tokens tokens of KV pages (default: every
-    row at the training length, and never less than one row at the full context), max_waiting
-    requests waiting for rows."""
+    row at the training length, and never less than one row at the full context), max_waiting rows
+    (a request's samples) waiting beyond those."""
 
     def __init__(self, eng, max_rows=MAX_ROWS, cache_tokens=None, max_waiting=MAX_WAITING):
         self.eng, self.max_rows, self.max_waiting = eng, max_rows, max_waiting
@@ -1046,8 +1046,8 @@ class Batcher:
 
     def submit(self, tokens, n=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, wait=True):
         """Queue n samples of a prompt (settings as Engine.generate). A prompt that can never fit
-        raises ValueError at once; when max_waiting requests wait, wait=False raises QueueFull and
-        wait=True blocks until there is room."""
+        raises ValueError at once; when its samples would take the rows and queue past max_rows +
+        max_waiting, wait=False raises QueueFull and wait=True blocks until rows finish."""
         if not tokens or not all(isinstance(t, int) for t in tokens):
             raise ValueError("generate: the prompt must be a non-empty list of token ids")
         budget = self.context - len(tokens)
@@ -1063,10 +1063,13 @@ class Batcher:
         with self.cond:
             if self.closed:
                 raise RuntimeError("the batcher is closed")
-            if len(self.waiting) >= self.max_waiting:
+            full = lambda: self.held() + n > self.max_rows + self.max_waiting
+            if full():
                 if not wait:
                     raise QueueFull(f"{len(self.waiting)} requests are waiting")
-                self.cond.wait_for(lambda: len(self.waiting) < self.max_waiting)
+                self.cond.wait_for(lambda: not full() or self.closed)
+                if self.closed:
+                    raise RuntimeError("the batcher is closed")
             self.waiting.append(req)
             self.cond.notify_all()
         return req
@@ -1075,6 +1078,11 @@ class Batcher:
         """[(sequences, masks), ...]: n samples of each prompt, every prompt submitted at once."""
         reqs = [self.submit(p, n, **settings) for p in prompts]
         return [r.result() for r in reqs]
+
+    def held(self):
+        """Rows running, preempted or asked for by waiting requests."""
+        with self.cond:
+            return len(self.active) + len(self.preempted) + sum(r.n for r in self.waiting)
 
     def wake(self, *_):
         with self.cond:
@@ -1148,7 +1156,6 @@ class Batcher:
             req.rows[0].clones = req.rows[1:]  # one prefill of the prompt; the other samples copy it
             for row in req.rows[1:]:
                 row.cached = None
-            self.cond.notify_all()  # room in the queue
             req.admitted.set()
 
     def place(self, row) -> bool:
@@ -1172,6 +1179,8 @@ class Batcher:
         if not row.finished:
             row.finished = True
             row.events.put(error)
+        with self.cond:  # room for a submit that waits (the lock is reentrant: callers may hold it)
+            self.cond.notify_all()
 
     def grow(self, rows, T):
         """Pages for T more tokens in each row, oldest first; while the pool is short the youngest

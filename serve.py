@@ -3,7 +3,8 @@ serve.py: a trained speedchat model in front of people and programs.
 
     python serve.py                                   # the newest sft checkpoint, http://127.0.0.1:8000/
     python serve.py --source rl --port 8080           # another stage; --tag / --step pick a checkpoint
-    python serve.py --workers 8 --host 0.0.0.0        # one model per GPU (0: every GPU), a request takes a free one
+    python serve.py --workers 8 --host 0.0.0.0        # one model per GPU (0: every GPU), each batching its requests
+    python serve.py --max-rows 32 --cache-tokens 65536  # conversations decoded together per device, and their KV memory
 
 Endpoints:
     GET  /                      the chat page (serve.html, beside this file), which talks to /v1/chat/completions
@@ -11,10 +12,10 @@ Endpoints:
     POST /chat/completions      the same endpoint, for clients that leave out /v1
     GET  /v1/models             the one model served
     GET  /info                  the model (name, stage, tag, step) and, for a toy-world model, example questions
-    GET  /health                workers free / busy, requests waiting
+    GET  /health                rows decoding, requests waiting, KV pages in use (in all and per worker)
     GET  /?q=hello&autosend=1   the page, with a message typed in (and sent); also temperature=, top_k=
 
-Reads top to bottom: limits, the worker pool, request checking, generation, the stream, the Flask app
+Reads top to bottom: limits, the workers (one engine.Batcher per device), request checking, generation, the stream, the Flask app
 (create_app(workers): what tests and benchmarks use), the HTTP server, __main__. Tool calls travel in
 the content as <|python_start|>code<|python_end|><|output_start|>result<|output_end|>; sent back (so,
 or as parts {"type": "text" | "python" | "python_output"}) they round-trip. Every request is logged as
@@ -56,13 +57,13 @@ TOP_K_RANGE = (0, 200)           # 0 = no top-k
 TOP_P_RANGE = (0.01, 1.0)        # 1 = no top-p
 MAX_TOKENS_RANGE = (1, 4096)     # and never past the model's context
 DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, max_tokens=4096)  # OpenAI's (the page sends its own)
-MAX_QUEUE = 32                   # requests that may wait for a busy worker; more get 503
-QUEUE_TIMEOUT = 60.0             # seconds a request waits for a worker before 503
+MAX_ROWS = engine.MAX_ROWS        # conversations one device decodes together
+MAX_QUEUE = 32                   # requests per device that may wait for a row; more get 503
+QUEUE_TIMEOUT = 60.0             # seconds a request waits for a row before 503
 RETRY_AFTER = 2                  # seconds, the Retry-After of a 503
-CHECK_EVERY = 8                  # tokens between two checks that the client is still there
 CONNECTIONS = 10_000             # connections held at once; more wait in the kernel's backlog
 IDLE_TIMEOUT = 30                # seconds a connection may send nothing (a half-sent request included)
-EXTRA_THREADS = 4                # handler threads beyond workers + queue: /health, /info, 503s stay quick
+EXTRA_THREADS = 4                # handler threads beyond rows + queue: /health, /info, 503s stay quick
 
 ROLES = ("system", "user", "assistant")
 MARKERS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")  # tool calls, in the content
@@ -73,45 +74,49 @@ PAGE = Path(__file__).with_name("serve.html")
 log = logging.getLogger("speedchat.serve")
 
 # ---------------------------------------------------------------------------------------------
-# The worker pool: one Engine per device. A request takes a free worker, waiting in a bounded
-# queue when all are busy; when the queue is full too, it gets 503 at once.
+# The workers: one engine.Batcher per device, decoding every conversation it holds in each step. A
+# request goes to the device holding the fewest rows; when every device's rows and queue are full it
+# gets 503 at once, and one that waits past queue_timeout for a row gets 503 too.
 
 
 Worker = collections.namedtuple("Worker", "engine name")
 
 
 class Pool:
-    def __init__(self, workers, max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT):
+    def __init__(self, workers, max_rows=MAX_ROWS, cache_tokens=None, max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT):
         if not workers:
             raise ValueError("a pool needs at least one worker")
-        self.workers, self.free = list(workers), list(workers)
-        self.max_queue, self.queue_timeout = max_queue, queue_timeout
-        self.waiting = 0
-        self.cond = threading.Condition()
+        self.workers, self.max_queue, self.queue_timeout = list(workers), max_queue, queue_timeout
+        self.batchers = [engine.Batcher(w.engine, max_rows, cache_tokens, max_queue) for w in self.workers]
+        self.lock = threading.Lock()  # picking a device and queueing on it are one step
 
-    def acquire(self):
-        """A free worker, or None when the queue is full or the wait timed out."""
-        with self.cond:
-            if not self.free and self.waiting >= self.max_queue:
+    def submit(self, prompt, s):
+        """(worker, engine.Request) holding a row for this prompt, or None when every device is full
+        or the wait for a row timed out."""
+        with self.lock:
+            load = [b.held() for b in self.batchers]
+            for i in sorted(range(len(self.workers)), key=load.__getitem__):
+                try:
+                    req = self.batchers[i].submit(prompt, 1, s["max_tokens"], s["temperature"], s["top_k"] or None,
+                                                  s["top_p"], s["seed"], wait=False)
+                    break
+                except engine.QueueFull:
+                    continue
+            else:
                 return None
-            self.waiting += 1
-            try:
-                if not self.cond.wait_for(lambda: self.free, timeout=self.queue_timeout):
-                    return None
-                return self.free.pop(0)
-            finally:
-                self.waiting -= 1
-
-    def release(self, worker):
-        with self.cond:
-            self.free.append(worker)
-            self.cond.notify()
+        if not req.admitted.wait(self.queue_timeout):
+            req.cancel()
+            return None
+        return self.workers[i], req
 
     def stats(self):
-        with self.cond:
-            return {"workers": len(self.workers), "free": len(self.free), "busy": len(self.workers) - len(self.free),
-                    "waiting": self.waiting, "max_queue": self.max_queue,
-                    "free_workers": [w.name for w in self.free]}
+        each = [{"name": w.name, **b.stats()} for w, b in zip(self.workers, self.batchers)]
+        total = {k: sum(e[k] for e in each) for k in ("rows", "max_rows", "waiting", "cache_pages", "cache_pages_total")}
+        return {"workers": len(each), **total, "max_queue": self.max_queue * len(each), "per_worker": each}
+
+    def close(self):
+        for b in self.batchers:
+            b.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,33 +271,30 @@ def prompt_tokens(tokenizer, turns, completion, context):
 
 
 class Job:
-    """One request holding one worker: what it generated, its timings, and its log line. It stops as
-    soon as gone() says the client left (checked every CHECK_EVERY tokens, streaming or not). close()
-    is idempotent: it frees the worker and writes the log line, whichever of the stream's own end or
-    the server closing the response (client gone) comes first."""
+    """One request holding one row of a worker's batch: what it generated, its timings, and its log
+    line. It stops as soon as gone() says the client left (checked at every token, streaming or not).
+    close() is idempotent: it frees the row (within the batcher's next step) and writes the log line,
+    whichever of the stream's own end or the server closing the response (client gone) comes first."""
 
-    def __init__(self, app_state, worker, path, prompt, turns, settings, t0, gone=lambda: False):
-        self.state, self.worker, self.path, self.prompt, self.turns = app_state, worker, path, prompt, turns
+    def __init__(self, app_state, worker, req, path, prompt, turns, settings, t0, gone=lambda: False):
+        self.state, self.worker, self.req, self.path, self.prompt, self.turns = app_state, worker, req, path, prompt, turns
         self.settings, self.gone = settings, gone
-        self.t0 = t0                # when the request came in: time to first token includes any wait for a worker
+        self.t0 = t0                # when the request came in: time to first token includes any wait for a row
         self.t_first, self.completion_tokens = None, 0
         self.finish = None          # stop | length | disconnected | error
         self.content = ""           # the reply so far
         self.lock, self.closed = threading.Lock(), False
 
     def pieces(self):
-        eng, s = self.worker.engine, self.settings
+        eng = self.worker.engine
         markers = {eng.tokenizer.special(m): m for m in MARKERS}
-        max_tokens = min(s["max_tokens"], self.state.context - len(self.prompt))
         streamer = engine.TextStreamer(eng.tokenizer)
-        gen = eng.generate(self.prompt, 1, max_tokens, s["temperature"], s["top_k"] or None, s["top_p"], s["seed"])
         self.finish = "length"
         try:
-            for out, _ in gen:
-                token = out[0]
+            for token, _ in self.req.stream(0):
                 self.completion_tokens += 1
                 self.t_first = self.t_first or time.perf_counter()
-                if self.completion_tokens % CHECK_EVERY == 0 and self.gone():
+                if self.gone():
                     self.finish = "disconnected"
                     return
                 if token in eng.stop:
@@ -309,7 +311,7 @@ class Job:
                 self.content += rest
                 yield rest
         finally:
-            gen.close()
+            self.req.cancel()  # a no-op once the row has finished
 
     def usage(self):
         return {"prompt_tokens": len(self.prompt), "completion_tokens": self.completion_tokens,
@@ -320,7 +322,7 @@ class Job:
             if self.closed:
                 return
             self.closed = True
-        self.state.pool.release(self.worker)
+        self.req.cancel()
         now = time.perf_counter()
         decode = now - self.t_first if self.t_first else 0.0
         settings = {k: self.settings[k] for k in ("temperature", "top_k", "top_p", "max_tokens", "seed")}
@@ -340,7 +342,7 @@ def log_request(record):
 
 # ---------------------------------------------------------------------------------------------
 # The stream: server-sent events, as OpenAI sends them. The server closes the generator when the
-# client goes away (the next write fails), which stops generation and frees the worker.
+# client goes away (the next write fails), which stops generation and frees the row.
 
 
 def sse(obj):
@@ -419,24 +421,24 @@ def http_error(e):
 
 
 def admit(state, prompt, turns, settings):
-    """A Job holding a worker for this request, or None when every worker is busy and the queue is
-    full or the wait timed out (the caller answers 503)."""
-    worker = state.pool.acquire()
-    if worker is None:
-        g.error = "all workers busy"
+    """A Job holding a row for this request, or None when every row and queue place is taken or the
+    wait timed out (the caller answers 503)."""
+    got = state.pool.submit(prompt, settings)
+    if got is None:
+        g.error = "all rows busy"
         return None
     g.job = True  # the Job writes this request's log line, not log_plain_request
     # waitress keeps reading the connection while we generate and says when the client hung up (the
     # development server cannot: there a non-streaming request runs to its end)
     gone = request.environ.get("waitress.client_disconnected", lambda: False)
-    return Job(state, worker, request.path, prompt, turns, settings, g.t0, gone)
+    return Job(state, *got, request.path, prompt, turns, settings, g.t0, gone)
 
 
 def stream_reply(job, cid, created):
     """stream: true. The reply as server-sent events, generated as the client reads them."""
     resp = Response(openai_events(job, cid, created, job.state.model_name), mimetype="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    resp.call_on_close(job.close)  # frees the worker even if the body was never read
+    resp.call_on_close(job.close)  # frees the row even if the body was never read
     return resp
 
 
@@ -462,7 +464,7 @@ def index():
 
 
 def health():
-    """GET /health: workers free and busy, requests waiting."""
+    """GET /health: rows decoding, requests waiting, KV pages in use: in all and per worker."""
     state = served()
     return {"status": "ok", "model": state.model_name, **state.pool.stats()}
 
@@ -480,32 +482,34 @@ def models():
 
 
 def chat_completions():
-    """POST /v1/chat/completions (and /chat/completions): check the request, take a worker (or 503), generate the reply."""
+    """POST /v1/chat/completions (and /chat/completions): check the request, take a row (or 503), generate the reply."""
     state = served()
     body = parse_body()
     turns, settings = parse_messages(body), parse_settings(body)
     prompt = prompt_tokens(state.pool.workers[0].engine.tokenizer, turns, state.completion, state.context)
     job = admit(state, prompt, turns, settings)
     if job is None:
-        return error_response(503, "all workers are busy; retry later", headers={"Retry-After": str(RETRY_AFTER)})
+        return error_response(503, "every row is busy and the queue is full; retry later",
+                              headers={"Retry-After": str(RETRY_AFTER)})
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if settings["stream"]:
         return stream_reply(job, cid, created)
     return whole_reply(job, cid, created)
 
 
-def create_app(workers, model_name="speedchat", completion=False, max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT,
-               log_conversations=False, info=None):
-    """The Flask app over `workers`: Engines (or Workers), one per device. completion=True serves a
+def create_app(workers, model_name="speedchat", completion=False, max_rows=MAX_ROWS, cache_tokens=None,
+               max_queue=MAX_QUEUE, queue_timeout=QUEUE_TIMEOUT, log_conversations=False, info=None):
+    """The Flask app over `workers`: Engines (or Workers), one per device, each under a Batcher of
+    max_rows rows and cache_tokens tokens of KV pages (see engine.Batcher). completion=True serves a
     base model (the last user message is continued as plain text). info: what /info says of the
-    model (source, tag, step, examples)."""
+    model (source, tag, step, examples). app.extensions["speedchat"].pool.close() stops the batchers."""
     workers = [w if isinstance(w, Worker) else Worker(w, f"{next(w.model.parameters()).device}#{i}")
                for i, w in enumerate(workers)]
     contexts = {w.engine.model.max_positions for w in workers}
     info = {"model": model_name, "source": None, "tag": None, "step": None, "examples": [], **(info or {})}
-    state = types.SimpleNamespace(pool=Pool(workers, max_queue, queue_timeout), model_name=model_name, completion=completion,
-                                  context=min(contexts), log_conversations=log_conversations, info=info, created=int(time.time()),
-                                  page=PAGE.read_text(encoding="utf-8"))
+    state = types.SimpleNamespace(pool=Pool(workers, max_rows, cache_tokens, max_queue, queue_timeout), model_name=model_name,
+                                  completion=completion, context=min(contexts), log_conversations=log_conversations,
+                                  info=info, created=int(time.time()), page=PAGE.read_text(encoding="utf-8"))
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.extensions["speedchat"] = state
@@ -620,8 +624,11 @@ def main(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="models to load, one per GPU (0: every visible GPU); one on CPU")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests that may wait for a worker; more get 503")
-    p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT, help="seconds a request waits for a worker")
+    p.add_argument("--max-rows", type=int, default=MAX_ROWS, help="conversations each device decodes together")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="tokens of KV cache per device (default: every row at the training length)")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="requests per device that may wait for a row; more get 503")
+    p.add_argument("--queue-timeout", type=float, default=QUEUE_TIMEOUT, help="seconds a request waits for a row")
     p.add_argument("--log-conversations", action="store_true", help="also log message text (off: only counts and times)")
     p.add_argument("--require-sandbox", action="store_true",
                    help="refuse the python tool unless every sandbox layer is active here (see python engine.py sandbox)")
@@ -630,6 +637,8 @@ def main(argv=None):
     for bad, why in ((args.workers < 0, f"--workers {args.workers}: must be 0 (every GPU) or more"),
                      (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA device is available"),
                      (not 0 <= args.port < 65536, f"--port {args.port}: must be in 0..65535"),
+                     (args.max_rows < 1, f"--max-rows {args.max_rows}: must be 1 or more"),
+                     (args.cache_tokens is not None and args.cache_tokens < 1, f"--cache-tokens {args.cache_tokens}: must be 1 or more"),
                      (args.max_queue < 0 or args.queue_timeout < 0, "--max-queue and --queue-timeout must not be negative")):
         if bad:
             p.error(why)
@@ -646,15 +655,17 @@ def main(argv=None):
     info = {"source": args.source, "tag": args.tag, "step": meta.get("step")}
     if toy_model(meta):
         info.update(examples=tok.ToyWorld().example_questions(), note="A toy-world model: it knows its own world. Try:")
-    app = create_app(workers, model_name=name, completion=(meta.get("stage") or args.source) == "base", max_queue=args.max_queue,
+    app = create_app(workers, model_name=name, completion=(meta.get("stage") or args.source) == "base",
+                     max_rows=args.max_rows, cache_tokens=args.cache_tokens, max_queue=args.max_queue,
                      queue_timeout=args.queue_timeout, log_conversations=args.log_conversations, info=info)
+    threads = len(workers) * (args.max_rows + args.max_queue) + EXTRA_THREADS  # a request holds one while it runs or waits
     try:
-        server = make_server(app, args.host, args.port, len(workers) + args.max_queue + EXTRA_THREADS, args.dev_server)
+        server = make_server(app, args.host, args.port, threads, args.dev_server)
     except OSError as e:  # the port is taken, the host is not ours, ...
         raise SystemExit(f"serve.py: cannot listen on --host {args.host} --port {args.port}: {e}") from None
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     kind = "Werkzeug's development server" if args.dev_server else "waitress"
-    print(f"speedchat: {name} with {len(workers)} worker(s) on {kind}; open http://{shown}:{server.port}/", flush=True)
+    print(f"speedchat: {name} with {len(workers)} worker(s) of {args.max_rows} rows on {kind}; open http://{shown}:{server.port}/", flush=True)
     try:
         server.run()
     except KeyboardInterrupt:

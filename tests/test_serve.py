@@ -296,7 +296,8 @@ def test_models_and_health(model, tokenizer):
     m = client.get("/v1/models").json
     assert m["object"] == "list" and [d["id"] for d in m["data"]] == ["tiny"]
     h = client.get("/health").json
-    assert h["status"] == "ok" and h["workers"] == 2 and h["free"] == 2 and h["busy"] == 0 and h["waiting"] == 0
+    assert h["status"] == "ok" and h["workers"] == 2 and h["rows"] == 0 and h["waiting"] == 0 and h["cache_pages"] == 0
+    assert h["max_rows"] == 2 * serve.MAX_ROWS and [w["name"] for w in h["per_worker"]] == ["cpu#0", "cpu#1"]
 
 
 def test_base_model_continues_the_last_user_message(model, tokenizer):
@@ -359,7 +360,7 @@ def test_bad_input_is_a_400_naming_the_field(model, tokenizer, path, caplog):
         assert r.status_code == 400, (body, r.data)
         err = r.json["error"]
         assert err["param"] == field and err["message"].startswith(field + ":"), (field, err)
-    assert client.get("/health").json["free"] == 1  # no worker was taken
+    assert client.get("/health").json["rows"] == 0  # no row was taken
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "speedchat.serve"]
     assert [r["error"].split(":")[0] for r in logged if r["status"] == 400] == [field for _, field in cases]
     assert logged[-1]["path"] == "/health" and "latency_s" in logged[-1]  # every request is logged
@@ -389,36 +390,43 @@ def test_oversized_body_and_unknown_paths_are_json_errors(model, tokenizer):
 
 # ----------------------------------------------------------------------------- workers, queue, disconnects
 
-def test_pool_queue_is_bounded():
-    pool = serve.Pool(["w"], max_queue=1, queue_timeout=5.0)
-    assert pool.acquire() == "w"
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(pool.acquire()))
+def test_pool_queue_is_bounded(model, tokenizer):
+    slow = NeverStops(model, len(tokenizer.vocab), delay=0.01)
+    settings = dict(max_tokens=4000, temperature=1.0, top_k=0, top_p=1.0, seed=1)
+    pool = serve.Pool([serve.Worker(engine.Engine(slow, tokenizer, tool=None), "w")], max_rows=1, max_queue=1,
+                      queue_timeout=5.0)
+    (_, first), got = pool.submit([1, 2, 3], settings), []
+    waiter = threading.Thread(target=lambda: got.append(pool.submit([1, 2, 3], settings)))
     waiter.start()
     assert wait_for(lambda: pool.stats()["waiting"] == 1)
-    assert pool.acquire() is None  # the queue is full: no wait at all
-    pool.release("w")
+    assert pool.submit([1, 2, 3], settings) is None  # the row and the queue are full: no wait at all
+    first.cancel()
     waiter.join(5)
-    assert got == ["w"] and pool.stats()["waiting"] == 0
-    quick = serve.Pool(["w"], max_queue=4, queue_timeout=0.05)
-    quick.acquire()
-    assert quick.acquire() is None  # waited, timed out
+    assert got[0][1].admitted.is_set() and pool.stats()["rows"] == 1 and pool.stats()["waiting"] == 0
+    got[0][1].cancel()
+    pool.close()
+    quick = serve.Pool([serve.Worker(engine.Engine(slow, tokenizer, tool=None), "w")], max_rows=1, max_queue=4,
+                       queue_timeout=0.05)
+    _, held = quick.submit([1, 2, 3], settings)
+    assert quick.submit([1, 2, 3], settings) is None  # waited, timed out, and gave its place up
+    assert wait_for(lambda: quick.stats()["waiting"] == 0)
+    held.cancel()
+    quick.close()
 
 
 def test_busy_server_says_503_with_retry_after(model, tokenizer, caplog):
     caplog.set_level(logging.INFO, logger="speedchat.serve")
     slow = NeverStops(model, len(tokenizer.vocab), delay=0.01)
-    client = app_for(slow, tokenizer, max_queue=0).test_client()
+    client = app_for(slow, tokenizer, max_rows=1, max_queue=0).test_client()
     first = client.post("/chat/completions", json={"messages": USER, "max_tokens": 100, "stream": True}, buffered=False)
     stream = iter(first.response)
     next(stream)  # generating: the one worker is busy
-    assert client.get("/health").json["busy"] == 1
+    assert client.get("/health").json["rows"] == 1
     r = client.post("/v1/chat/completions", json={"messages": USER})
     assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0 and r.json["error"]["type"] == "overloaded_error"
     assert '"status": 503' in caplog.messages[-1] and "busy" in caplog.messages[-1]
-    first.close()  # the client goes away: generation stops, the worker is free
-    h = client.get("/health").json
-    assert (h["busy"], h["free"]) == (0, 1)
+    first.close()  # the client goes away: generation stops, the row is free within a step
+    assert wait_for(lambda: client.get("/health").json["rows"] == 0)
     assert client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}).status_code == 200
 
 
@@ -432,16 +440,17 @@ def test_closing_the_response_stops_generation_and_logs_it(model, tokenizer, cap
         for _ in range(3):
             next(it)
         r.close()
+        assert wait_for(lambda: client.get("/health").json["rows"] == 0)
         calls = slow.calls
         time.sleep(0.05)
-        assert slow.calls == calls and client.get("/health").json["free"] == 1
+        assert slow.calls == calls
         rec = last_log(caplog)
         assert rec["path"] == path and rec["finish"] == "disconnected" and rec["completion_tokens"] < 100
-    # a response whose body is never read frees its worker too
+    # a response whose body is never read frees its row too
     r = client.post("/chat/completions", json={"messages": USER, "stream": True}, buffered=False)
-    assert client.get("/health").json["busy"] == 1
+    assert client.get("/health").json["rows"] == 1
     r.close()
-    assert client.get("/health").json["busy"] == 0
+    assert wait_for(lambda: client.get("/health").json["rows"] == 0)
 
 
 def test_requests_are_logged_without_text_unless_asked(model, tokenizer, caplog):
@@ -506,7 +515,7 @@ def test_eight_concurrent_streams_all_complete(model, tokenizer, live, caplog):
     assert all(usage["completion_tokens"] >= 1 and finish in ("stop", "length") for _, finish, usage in results)
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "speedchat.serve"]
     assert {rec["worker"] for rec in logged if "worker" in rec} == {"cpu#0", "cpu#1"}
-    assert requests.get(url + "/health", timeout=5).json()["free"] == 2
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["rows"] == 0)
 
 
 def test_client_hanging_up_frees_the_worker(model, tokenizer, live):
@@ -520,8 +529,8 @@ def test_client_hanging_up_frees_the_worker(model, tokenizer, live):
         got = b""
         while got.count(b"data: ") < 3:
             got += s.recv(4096)
-        assert requests.get(url + "/health", timeout=5).json()["busy"] == 1
-    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["free"] == 1)
+        assert requests.get(url + "/health", timeout=5).json()["rows"] == 1
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["rows"] == 0)
     calls = slow.calls
     time.sleep(0.1)
     assert slow.calls <= calls + 1  # generation stopped, not just the worker handed back
@@ -539,7 +548,7 @@ def test_non_streaming_request_stops_when_its_client_hangs_up(model, tokenizer, 
         s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
         assert wait_for(lambda: slow.calls > 20)
-    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["free"] == 1, timeout=5)
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["rows"] == 0, timeout=5)
     assert time.time() - t0 < 6
     calls = slow.calls
     time.sleep(0.2)
@@ -774,7 +783,7 @@ def test_page_in_headless_chromium(tokenizer, live, browser, caplog):
     browser.js("document.getElementById('stop').click()")
     browser.wait(DONE)
     assert "(stopped)" in browser.js("chat.innerText")
-    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["free"] == 1)
+    assert wait_for(lambda: requests.get(url + "/health", timeout=5).json()["rows"] == 0)
     assert last_log(caplog)["finish"] == "disconnected"
     scripted.delay = 0.0
     # fenced code in a reply is shown as a code block
