@@ -80,24 +80,30 @@ def pg_backward(model, seqs, masks, adv, num_tokens, device, batch_rows=8, scale
 
 # ----------------------------------------------------------------------------- sampling and grading
 
-def completion_text(tokenizer, ids) -> str:
-    """What the grader reads: everything generated but the stop tokens (as evals.engine_generate)."""
-    stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
-    return tokenizer.decode([t for t in ids if t not in stop])
-
-
-def rollout(eng, task, item, num_samples, max_new_tokens, temperature, top_k, seed):
-    """num_samples completions of one item: (seqs, masks, rewards); None if the prompt does not fit."""
+def rollouts(eng, task, items, num_samples, max_new_tokens, temperature, top_k, seeds) -> list:
+    """num_samples completions of each item, every prompt in one batched pass (item i's samples drawn
+    from seeds[i], whatever else is in the batch): (seqs, masks, rewards) per item, None for one
+    whose prompt does not fit."""
     tokenizer = eng.tokenizer
-    prompt = tokenizer.render_for_completion(item["messages"])
-    try:
-        seqs, masks = eng.generate_batch(prompt, num_samples, max_tokens=max_new_tokens, temperature=temperature,
-                                         top_k=top_k, seed=seed)
-    except ValueError as e:  # longer than the context: skip it rather than crash a long run
-        print0(f"skipped a prompt: {e}")
-        return None
-    rewards = [float(task.reward(item, completion_text(tokenizer, s[len(prompt):]))) for s in seqs]
-    return seqs, masks, rewards
+    prompts = [tokenizer.render_for_completion(item["messages"]) for item in items]
+    fits = []
+    for p in prompts:
+        try:
+            fits.append(eng.budget(p, max_new_tokens) > 0)
+        except ValueError as e:  # longer than the context: skip it rather than crash a long run
+            print0(f"skipped a prompt: {e}")
+            fits.append(False)
+    kept = [i for i, ok in enumerate(fits) if ok]
+    outs = iter(engine.generate_all(eng, [prompts[i] for i in kept], num_samples, max_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, seed=[seeds[i] for i in kept]))
+    groups = []
+    for item, p, ok in zip(items, prompts, fits):
+        if not ok:
+            groups.append(None)
+            continue
+        seqs, masks = next(outs)
+        groups.append((seqs, masks, [float(task.reward(item, engine.completion_text(tokenizer, s[len(p):]))) for s in seqs]))
+    return groups
 
 
 @torch.no_grad()
@@ -107,8 +113,9 @@ def evaluate_pass(eng, task, num_samples, max_new_tokens, temperature, top_k, de
     Ranks take every world-th item; the sums are all-reduced."""
     rank, ws = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # pass@1 sum, pass@k sum, items
-    for i in range(rank, len(task), ws):
-        out = rollout(eng, task, task[i], num_samples, max_new_tokens, temperature, top_k, seed + i)
+    mine = range(rank, len(task), ws)
+    for out in rollouts(eng, task, [task[i] for i in mine], num_samples, max_new_tokens, temperature, top_k,
+                        [seed + i for i in mine]):
         rewards = out[2] if out else [0.0]  # a prompt that does not fit is a miss
         sums += torch.tensor([sum(rewards) / len(rewards), max(rewards), 1.0], dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -132,15 +139,12 @@ def sample_groups(model, eng, task, step, args, max_new_tokens, rank, ws) -> lis
     completions of each: a list of (seqs, masks, rewards). The seeds depend on the step and the
     prompt only, so any number of ranks, and a resumed run, draw the same samples."""
     model.eval()
-    groups = []
-    for j in range(rank, args.prompts_per_step, ws):
-        i = prompt_index(step, j, args.prompts_per_step, len(task), args.seed)
-        out = rollout(eng, task, task[i], args.samples_per_prompt, max_new_tokens, args.temperature, args.top_k,
-                      seed=args.seed * 1_000_003 + step * args.prompts_per_step + j)
-        if out is not None:
-            groups.append(out)
+    mine = range(rank, args.prompts_per_step, ws)
+    items = [task[prompt_index(step, j, args.prompts_per_step, len(task), args.seed)] for j in mine]
+    groups = rollouts(eng, task, items, args.samples_per_prompt, max_new_tokens, args.temperature, args.top_k,
+                      [args.seed * 1_000_003 + step * args.prompts_per_step + j for j in mine])
     model.train()
-    return groups
+    return [g for g in groups if g is not None]
 
 
 def step_totals(groups, device, ws):

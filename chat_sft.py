@@ -778,7 +778,7 @@ def token_f1(pred: list, ref: list) -> float:
 def heldout_check(model, tokenizer, convs, device, T: int, batch_size: int = 8, max_turns: int = HELDOUT_TURNS) -> dict:
     """The held-out share of --data, as the report shows it. val_loss: the mean loss per assistant token (the
     tokens SFT learns, whichever stage trains). For its first max_turns assistant turns, each prompted with the
-    conversation before it and generated at temperature 0 (evals.engine_generate): exact_match, the share
+    conversation before it and generated at temperature 0 in one batched pass: exact_match, the share
     reproduced exactly (and ended), and token_f1, the mean token_f1 against the reference (both decoded
     from tokens as rendered, so python calls count). Ranks split the work and sum."""
     rank, world = evals._rank_world()
@@ -792,12 +792,14 @@ def heldout_check(model, tokenizer, convs, device, T: int, batch_size: int = 8, 
             loss += float(model(x.to(device), y.to(device), loss_reduction="sum"))
         n += int((y >= 0).sum())
     turns = [c[:k + 1] for c in convs for k, m in enumerate(c) if m["role"] == "assistant"][:max_turns]
+    mine = turns[rank::world]
+    prompts = [tokenizer.render_for_completion(m) for m in mine]
+    refs = [tokenizer.render_conversation(m, max_tokens=1 << 62)[0][len(p):-1] for m, p in zip(mine, prompts)]  # end off
+    outs = engine.generate_all(engine.Engine(model, tokenizer), prompts, temperature=0.0,
+                               max_tokens=[len(r) + 1 + HELDOUT_SLACK for r in refs])
     exact = f1 = 0.0
-    for messages in turns[rank::world]:
-        prompt = tokenizer.render_for_completion(messages)
-        ref_ids = tokenizer.render_conversation(messages, max_tokens=1 << 62)[0][len(prompt):-1]  # <|assistant_end|> off
-        ref = tokenizer.decode(ref_ids)
-        text = evals.engine_generate(model, tokenizer, len(ref_ids) + 1 + HELDOUT_SLACK)(prompt)
+    for p, r, (seqs, _) in zip(prompts, refs, outs):
+        text, ref = engine.completion_text(tokenizer, seqs[0][len(p):]), tokenizer.decode(r)
         exact += text == ref
         f1 += token_f1(tokenizer.encode(text), tokenizer.encode(ref))
     loss, n, exact, f1 = evals._all_reduce_sum([loss, n, exact, f1], device)
@@ -816,19 +818,18 @@ def measure_toy(model, tokenizer, max_problems=-1, max_tokens=MEASURE_MAX_TOKENS
       python_calls  fraction of ToyMath completions that open a <|python_start|> call"""
     eng = engine.Engine(model, tokenizer)
     end, py = tokenizer.special("<|assistant_end|>"), tokenizer.special("<|python_start|>")
-    stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
     out, ends = {}, []
     for task in (evals.ToyFacts("test"), evals.ToyMath("test")):
-        view = task[:max_problems] if max_problems > 0 else task
+        view = list(task[:max_problems] if max_problems > 0 else task)
+        prompts = [tokenizer.render_for_completion(item["messages"]) for item in view]
+        outs = engine.generate_all(eng, prompts, max_tokens=max_tokens, temperature=0.0)
         correct = calls = 0
         rare = []  # right or not, on ToyMath problems of the rare families
-        for item in view:
-            prompt = tokenizer.render_for_completion(item["messages"])
-            seqs, _ = eng.generate_batch(prompt, 1, max_tokens=max_tokens, temperature=0.0)
+        for item, prompt, (seqs, _) in zip(view, prompts, outs):
             gen = seqs[0][len(prompt):]
             ends.append(bool(gen) and gen[-1] == end)
             calls += py in gen
-            right = task.evaluate(item, tokenizer.decode([t for t in gen if t not in stop]))
+            right = task.evaluate(item, engine.completion_text(tokenizer, gen))
             correct += right
             if item.get("rare"):
                 rare.append(right)

@@ -765,6 +765,16 @@ class Engine:
             row.python.append(token)
         return None
 
+    def budget(self, tokens, max_tokens=None) -> int:
+        """Tokens a reply to `tokens` may take: max_tokens, clamped to what the context leaves (the
+        whole prompt is kept, at any length the model can represent). ValueError if none."""
+        if not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError("generate: the prompt must be a non-empty list of token ids")
+        room = self.model.max_positions - len(tokens)
+        if room <= 0:
+            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in a {self.model.max_positions}-token context")
+        return room if max_tokens is None else min(max_tokens, room)
+
     def tool_tokens(self, code):
         """The tokens forced after a python block: <|output_start|> its result <|output_end|>."""
         return [self.output_start, *self.tokenizer.encode(self.tool(code)), self.output_end]
@@ -788,13 +798,7 @@ class Engine:
         (None, False). Stops when every row has emitted <|assistant_end|> or <|bos|>, or after
         max_tokens steps (default: up to the model's context length).
         """
-        if not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("generate: the prompt must be a non-empty list of token ids")
-        device, context = self.device, self.model.max_positions  # the whole prompt, at any length it can represent
-        budget = context - len(tokens)
-        max_tokens = budget if max_tokens is None else min(max_tokens, budget)
-        if max_tokens <= 0:
-            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in a {context}-token context")
+        device, max_tokens = self.device, self.budget(tokens, max_tokens)
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
@@ -1048,12 +1052,7 @@ class Batcher:
         """Queue n samples of a prompt (settings as Engine.generate). A prompt that can never fit
         raises ValueError at once; when its samples would take the rows and queue past max_rows +
         max_waiting, wait=False raises QueueFull and wait=True blocks until rows finish."""
-        if not tokens or not all(isinstance(t, int) for t in tokens):
-            raise ValueError("generate: the prompt must be a non-empty list of token ids")
-        budget = self.context - len(tokens)
-        max_tokens = budget if max_tokens is None else min(max_tokens, budget)
-        if max_tokens <= 0:
-            raise ValueError(f"prompt of {len(tokens)} tokens leaves no room in a {self.context}-token context")
+        max_tokens = self.eng.budget(tokens, max_tokens)
         if not 1 <= n <= self.max_rows:
             raise ValueError(f"{n} samples: the batcher holds at most {self.max_rows} rows")
         if n * pages_for(len(tokens) + 1) > self.pool.total:
@@ -1075,8 +1074,16 @@ class Batcher:
         return req
 
     def generate_batch(self, prompts, n=1, **settings):
-        """[(sequences, masks), ...]: n samples of each prompt, every prompt submitted at once."""
-        reqs = [self.submit(p, n, **settings) for p in prompts]
+        """[(sequences, masks), ...]: n samples of each prompt (as Engine.generate_batch), every prompt
+        submitted at once (waiting for room as rows finish). A setting is one value for all or a list
+        of one per prompt (seed, max_tokens). A prompt that cannot fit raises before any starts."""
+        each = [{k: v[i] if isinstance(v, (list, tuple)) else v for k, v in settings.items()} for i in range(len(prompts))]
+        for i, (p, s) in enumerate(zip(prompts, each)):
+            try:
+                self.eng.budget(p, s.get("max_tokens"))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        reqs = [self.submit(p, n, **s) for p, s in zip(prompts, each)]
         return [r.result() for r in reqs]
 
     def held(self):
@@ -1276,6 +1283,26 @@ class Batcher:
         row.events.put((token, not forced))
         if row.state.done or row.generated >= s["max_tokens"]:
             self.finish(row)
+
+
+def generate_all(eng, prompts, n=1, max_rows=MAX_ROWS, **settings):
+    """Batcher.generate_batch in one pass over a Batcher made for it: KV pages for every row at the
+    longest prompt plus its reply (not the whole context), closed after. The chat evals, SFT's
+    held-out checks and RL's rollouts go through here."""
+    if not prompts:
+        return []
+    reply = settings.get("max_tokens")
+    reply = max(reply) if isinstance(reply, (list, tuple)) else reply or eng.model.max_positions
+    max_rows = max(max_rows, n)
+    rows = min(max_rows, len(prompts) * n)
+    with Batcher(eng, max_rows, rows * min(eng.model.max_positions, max(map(len, prompts)) + reply + 1)) as b:
+        return b.generate_batch(prompts, n, **settings)
+
+
+def completion_text(tokenizer, ids) -> str:
+    """What a grader reads of a reply: its tokens decoded, the stop tokens left out."""
+    stop = {tokenizer.special(s) for s in STOP_TOKENS}
+    return tokenizer.decode([t for t in ids if t not in stop])
 
 
 def for_inference(model):

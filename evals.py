@@ -852,28 +852,24 @@ def run_categorical(model, tokenizer, task, device, batch_size=8) -> tuple:
 
 
 def engine_generate(model, tokenizer, max_new_tokens=512, temperature=0.0, top_k=50, seed=42):
-    """prompt ids -> completion text, through engine.py (KV cache, python tool calls)."""
+    """[prompt ids] -> [completion text], every prompt in one batched pass through engine.py
+    (continuous batching, KV cache, python tool calls)."""
     eng = engine.Engine(model, tokenizer)
-    stop = {tokenizer.special(s) for s in engine.STOP_TOKENS}
 
-    def generate(prompt):
-        seqs, _ = eng.generate_batch(prompt, 1, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        out = [t for t in seqs[0][len(prompt):] if t not in stop]
-        return tokenizer.decode(out)
+    def generate(prompts):
+        outs = engine.generate_all(eng, prompts, max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        return [engine.completion_text(tokenizer, seqs[0][len(p):]) for p, (seqs, _) in zip(prompts, outs)]
     return generate
 
 
 def run_generative(tokenizer, task, generate) -> tuple:
-    """(correct, total): each item's completion from generate(prompt ids), graded by the task."""
-    correct, n = 0.0, 0
-    for it in task:
-        try:
-            text = generate(tokenizer.render_for_completion(it["messages"]))
-        except ValueError as e:  # the prompt leaves no room in the context: never cropped, so stop
-            raise EvalError(f"{task.name}: item {n}: {e}") from None
-        correct += task.evaluate(it, text)
-        n += 1
-    return correct, n
+    """(correct, total): the items' completions from generate([prompt ids]) in one call, graded by the task."""
+    items = list(task)
+    try:
+        texts = generate([tokenizer.render_for_completion(it["messages"]) for it in items])
+    except ValueError as e:  # a prompt leaves no room in the context: never cropped, so stop
+        raise EvalError(f"{task.name}: {e}") from None
+    return sum(task.evaluate(it, text) for it, text in zip(items, texts)), len(items)
 
 
 def evaluate_chat_task(model, tokenizer, task, device, max_problems=-1, generate=None, batch_size=8) -> float:

@@ -589,14 +589,13 @@ def test_generative_eval_and_chatcore():
     answers = {tuple(t.render_for_completion(it["messages"])): it["answer"] for it in bee}
     calls = []
 
-    def generate(prompt):  # right on every other prompt it sees
-        calls.append(prompt)
-        a = answers[tuple(prompt)]
-        return f"#### {a}" if len(calls) % 2 else f"#### {int(a) + 1}"
+    def generate(prompts):  # one call with every prompt; right on every other one
+        calls.append(prompts)
+        return [f"#### {answers[tuple(p)]}" if i % 2 else f"#### {int(answers[tuple(p)]) + 1}" for i, p in enumerate(prompts)]
 
-    assert evals.evaluate_chat_task(None, t, bee, "cpu", generate=generate) == 0.5 and len(calls) == 10
+    assert evals.evaluate_chat_task(None, t, bee, "cpu", generate=generate) == 0.5 and [len(c) for c in calls] == [10]
     res = evals.evaluate_chat(LetterModel(t), t, "cpu", [bee, ListTask()], max_problems=4,
-                              generate=lambda p: f"#### {answers[tuple(p)]}")
+                              generate=lambda ps: [f"#### {answers[tuple(p)]}" for p in ps])
     assert res["SpellingBee"] == 1.0 and res["List"] == 0.5
     assert res["ChatCORE"] == pytest.approx((1.0 + (0.5 - 0.25) / 0.75) / 2)
     assert evals.chatcore({"a": 0.25, "b": 0.0}, {"a": "categorical", "b": "generative"}) == 0.0

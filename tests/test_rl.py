@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import chat_rl, evals, tok, train
+import chat_rl, engine, evals, tok, train
 from _helpers_train import exit_rank
 
 
@@ -106,7 +106,7 @@ def test_one_step_raises_the_rewarded_completion():
     model = tiny_model(tokenizer.vocab_size)
     item, seqs, masks = group(tokenizer)
     task, n_prompt = evals.ToyMath("test", size=1), masks[0].index(1)
-    rewards = [task.reward(item, chat_rl.completion_text(tokenizer, s[n_prompt:])) for s in seqs]
+    rewards = [task.reward(item, engine.completion_text(tokenizer, s[n_prompt:])) for s in seqs]
     assert rewards == [1.0, 0.0]  # the grader agrees: the first is right, the second wrong
     opt = train.setup_optimizer(model, 0.2 * 0.05, 0.004 * 0.05, 0.02 * 0.05, 0.02 * 0.05)
     with torch.no_grad():

@@ -266,18 +266,14 @@ def test_measure_counts_turn_ends_and_tool_calls(monkeypatch):
     model, tokenizer = tiny_base()
     answers = {}
 
-    class Scripted:  # the engine contract: generate_batch(prompt) -> (seqs, masks)
-        def __init__(self, model, tokenizer):
-            pass
-
-        def generate_batch(self, prompt, n, **kw):
-            return [prompt + answers[tuple(prompt)]], None
+    def scripted(eng, prompts, n=1, **kw):  # engine.generate_all's contract: [(seqs, masks)] per prompt
+        return [([p + answers[tuple(p)]], None) for p in prompts]
     for task in (evals.ToyFacts("test"), evals.ToyMath("test")):
         for item in task[:12]:
             ids, _ = tokenizer.render_conversation(item["messages"])
             prompt = tokenizer.render_for_completion(item["messages"])
             answers[tuple(prompt)] = ids[len(prompt):]
-    monkeypatch.setattr(chat_sft.engine, "Engine", Scripted)
+    monkeypatch.setattr(chat_sft.engine, "generate_all", scripted)
     assert any(item["rare"] for item in evals.ToyMath("test")[:12])
     assert chat_sft.measure_toy(model, tokenizer, max_problems=12) == {"ToyFacts": 1.0, "ToyMath": 1.0, "python_calls": 1.0,
                                                                        "ToyMath_rare": 1.0, "ends_turn": 1.0}
