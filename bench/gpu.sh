@@ -33,7 +33,7 @@ T0=$(date +%s)
 BUDGET=480           # seconds for everything; train_d24 runs only when enough of it is left
 RACE_S=180           # the d12 race's training time
 if [ "$DRY" = 1 ]; then
-  DEV=cpu; VOCAB=512; CHARS=2000000; RACE_S=10
+  DEV=cpu; VOCAB=512; CHARS=2000000; RACE_S=1
   TRAIN=(--device cpu --n-embd 128 --head-dim 64 --seq-len 64 --batch-size 2 --steps 2 --warmup 1)
   DEPTHS=(2 2 3); DECODE=(--depth 2 --n-embd 128 --prompt-len 16 --decode-tokens 8 --repeats 1)
   CORE=(--depth 2 --n-embd 128 --core-items 4 --cat-items 8 --gen-items 1 --max-new-tokens 4)

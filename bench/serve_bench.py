@@ -4,15 +4,18 @@ bench/serve_bench.py: serving figures for serve.py (prints them; not a test).
     python bench/serve_bench.py                                  # CPU, a tiny random model, 1 worker
     python bench/serve_bench.py --slow-clients 3000 --hold 30    # also: 3,000 half-sent requests held 30 s
     python bench/serve_bench.py --source sft                     # a real checkpoint (ends when it stops)
+    python bench/serve_bench.py --concurrency 1,8,32,64 --servers waitress,before   # issue 24's table
 
-Each server (waitress, as `python serve.py` runs it, and Werkzeug's development server, the baseline
-behind --dev-server) runs in a child process (serve.create_app over the model, on 127.0.0.1), so the
-clients' Python does not share its GIL. Figures, per server:
+Each server runs in a child process (create_app over the model, on 127.0.0.1), so the clients' Python
+does not share its GIL: waitress (serve.py as `python serve.py` runs it: one engine.Batcher per device),
+dev (the same app on Werkzeug's development server), before (serve.py of commit --before, c51823b: one
+request at a time per worker, the design before continuous batching, loaded from git). Figures, per server:
   streams         for each level of concurrency, that many clients start together, each streaming one
                   reply from /v1/chat/completions: time to first token (request sent -> first content,
-                  waiting for a busy worker included), tokens/s per stream ((tokens - 1) / (end - first
-                  content)), aggregate tokens/s. A random model is kept from writing special tokens, so
-                  every reply is --max-tokens long. One worker: streams take turns.
+                  waiting for a row or a busy worker included; median, p99, max), tokens/s per stream
+                  ((tokens - 1) / (end - first content)), aggregate tokens/s, the server's peak RSS
+                  (/proc, every 50 ms). A random model is kept from writing special tokens, so every
+                  reply is --max-tokens long.
   slow clients    --slow-clients connections each send half a request and wait --hold seconds, while
                   /health is asked every 50 ms (its latency: p50, p99, max, failures) and the server
                   process's threads and RSS are read from /proc every 0.5 s; then they close, and one
@@ -36,7 +39,17 @@ sys.path.insert(0, ROOT)
 
 WORDS = ("the cat dog sat on mat red blue green house tree river stone bird sings under over and then a big "
          "small old new runs jumps apple bread water fire light dark hello world").split()
-QUEUE = 32
+QUEUE = 128  # requests that may wait: more than the largest level, so no level meets a 503
+
+
+def load_before(rev):
+    """serve.py as it was at commit `rev`, as a module (it runs on today's engine.py: Engine.generate stays)."""
+    import types
+    src = subprocess.run(["git", "show", f"{rev}:serve.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    mod = types.ModuleType("serve_before")
+    mod.__file__ = os.path.join(ROOT, "serve_before.py")  # its page, serve.html, is found beside it
+    exec(compile(src, f"{rev}:serve.py", "exec"), mod.__dict__)
+    return mod
 
 
 def serve_child(args):
@@ -59,9 +72,16 @@ def serve_child(args):
                               n_head=max(1, args.n_embd // 64), n_kv_head=max(1, args.n_embd // 64), n_embd=args.n_embd)
         model = PlainOnly(train.GPT(cfg).eval(), len(tokenizer.vocab))
         engines = [engine.Engine(model, tokenizer, tool=None)] * args.workers
-    app = serve.create_app(engines, max_queue=QUEUE, queue_timeout=600)
+    if args.serve == "before":
+        mod = load_before(args.before)
+        app = mod.create_app(engines, max_queue=QUEUE, queue_timeout=600)
+        threads = args.workers + QUEUE + mod.EXTRA_THREADS
+    else:
+        mod = serve
+        app = serve.create_app(engines, max_rows=args.max_rows, max_queue=QUEUE, queue_timeout=600)
+        threads = args.workers * (args.max_rows + QUEUE) + serve.EXTRA_THREADS
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server, url = serve.start_server(app, threads=args.workers + QUEUE + serve.EXTRA_THREADS, dev=args.serve == "dev")
+    server, url = mod.start_server(app, threads=threads, dev=args.serve == "dev")
     print(url, flush=True)
     threading.Event().wait()
 
@@ -105,19 +125,29 @@ def one_stream(url, args, i, out, start):
               "tps": (tokens - 1) / (t_end - t_first) if t_first and t_end > t_first else 0.0, "end": t_end, "t0": t0}
 
 
-def level(url, args, c):
+def level(url, args, c, pid):
     out, start = [None] * c, threading.Event()
     threads = [threading.Thread(target=one_stream, args=(url, args, i, out, start)) for i in range(c)]
     for t in threads:
         t.start()
     time.sleep(0.2)
+    rss, done = [proc_status(pid)[1]], threading.Event()
+
+    def watch():
+        while not done.wait(0.05):
+            rss.append(proc_status(pid)[1])
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     start.set()
     for t in threads:
         t.join()
+    done.set()
+    watcher.join()
     wall = max(o["end"] for o in out) - min(o["t0"] for o in out)
     ttft = sorted(o["ttft"] for o in out)
     return {"concurrency": c, "streams_ok": sum(o["tokens"] > 0 for o in out),
-            "ttft_median_ms": 1000 * statistics.median(ttft), "ttft_max_ms": 1000 * ttft[-1],
+            "ttft_median_ms": 1000 * statistics.median(ttft), "ttft_p99_ms": 1000 * ttft[min(c - 1, int(0.99 * c))],
+            "ttft_max_ms": 1000 * ttft[-1], "peak_rss_mb": max(rss),
             "tps_per_stream_median": statistics.median(o["tps"] for o in out),
             "tps_aggregate": sum(o["tokens"] for o in out) / wall, "wall_s": wall}
 
@@ -192,7 +222,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="time to first token, tokens/s per stream and slow clients, serve.py")
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated numbers of concurrent streams")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
-    p.add_argument("--servers", default="waitress,dev", help="which servers: waitress (serve.py's), dev (Werkzeug's)")
+    p.add_argument("--servers", default="waitress,before",
+                   help="which servers: waitress (serve.py's), dev (Werkzeug's), before (serve.py at --before)")
+    p.add_argument("--before", default="c51823b", help="the commit whose serve.py is 'before' (one request at a time)")
+    p.add_argument("--max-rows", type=int, default=64, help="rows each batcher decodes together (serve.py --max-rows)")
     p.add_argument("--slow-clients", type=int, default=0, help="half-sent requests to hold (0: skip)")
     p.add_argument("--hold", type=float, default=30.0, help="seconds the slow clients wait")
     p.add_argument("--workers", type=int, default=1, help="CPU workers sharing the one model (the CLI serves 1 on CPU)")
@@ -221,14 +254,16 @@ def main(argv=None):
             if not url:
                 raise SystemExit("serve_bench.py: the server did not start")
             for _ in range(3):  # warm-up
-                level(url, args, 2)
+                level(url, args, 2, child.pid)
             rows = []
-            print(f"\n{kind}\n{'streams':>7} {'ok':>4} {'TTFT median':>12} {'TTFT max':>10} {'tok/s/stream':>13} {'tok/s total':>12}")
+            print(f"\n{kind}\n{'streams':>7} {'ok':>4} {'TTFT median':>12} {'TTFT p99':>10} {'TTFT max':>10} "
+                  f"{'tok/s/stream':>13} {'tok/s total':>12} {'peak RSS':>9}")
             for c in levels:
-                r = level(url, args, c)
+                r = level(url, args, c, child.pid)
                 rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
-                print(f"{c:>7} {r['streams_ok']:>4} {r['ttft_median_ms']:>10.1f}ms {r['ttft_max_ms']:>8.1f}ms "
-                      f"{r['tps_per_stream_median']:>13.1f} {r['tps_aggregate']:>12.1f}", flush=True)
+                print(f"{c:>7} {r['streams_ok']:>4} {r['ttft_median_ms']:>10.1f}ms {r['ttft_p99_ms']:>8.1f}ms "
+                      f"{r['ttft_max_ms']:>8.1f}ms {r['tps_per_stream_median']:>13.1f} {r['tps_aggregate']:>12.1f} "
+                      f"{r['peak_rss_mb']:>6.0f} MB", flush=True)
             figures[kind] = {"levels": rows}
             if args.slow_clients:
                 s = slow_clients(url, child.pid, args.slow_clients, args.hold)
