@@ -1224,18 +1224,22 @@ class Batcher:
         return logits
 
     def prefill(self) -> bool:
-        """One chunk of the oldest row with more than one token to feed (a new or recomputed prompt)."""
-        rows = [r for r in self.active if r.cached is not None and len(r.tokens) - r.cached > 1]
-        if not rows:
-            return False
-        row = min(rows, key=Row.order)
-        T = min(PREFILL_CHUNK, len(row.tokens) - row.cached)
-        if not self.grow([row], T):
-            return False
-        logits = self.forward([row], [row.tokens[row.cached:row.cached + T]])
-        if row.cached == len(row.tokens):
-            self.emit([row], logits)
-        return True
+        """Up to PREFILL_CHUNK prompt tokens, oldest rows first, one forward a row: many short prompts
+        that arrive together all start within a step or two, and a long one is fed in chunks."""
+        budget, worked = PREFILL_CHUNK, False
+        while budget > 0:
+            rows = [r for r in self.active if r.cached is not None and len(r.tokens) - r.cached > 1]
+            if not rows:
+                break
+            row = min(rows, key=Row.order)
+            T = min(budget, len(row.tokens) - row.cached)
+            if not self.grow([row], T):
+                break
+            logits = self.forward([row], [row.tokens[row.cached:row.cached + T]])
+            if row.cached == len(row.tokens):
+                self.emit([row], logits)
+            budget, worked = budget - T, True
+        return worked
 
     def decode(self) -> bool:
         """One token for every row with exactly its last token to feed (and no tool call pending)."""
