@@ -1386,10 +1386,13 @@ def chat(eng, completion=False, prompt=None, temperature=0.6, top_k=50, top_p=No
 def main(argv=None):
     parser = argparse.ArgumentParser(description="speedchat inference: terminal chat and the code sandbox")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def checkpoint(parser, source_help):
+        parser.add_argument("--source", default="sft", type=train.source_type, help=source_help)
+        parser.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
+        parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     c = sub.add_parser("chat", help="chat with a checkpoint in the terminal (streams tokens)")
-    c.add_argument("--source", default="sft", type=train.source_type, help="checkpoint stage: base (plain completion), mid, sft, rl, or hf:DIR")
-    c.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
-    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    checkpoint(c, "checkpoint stage: base (plain completion), mid, sft, rl, or hf:DIR")
     c.add_argument("-p", "--prompt", default=None, help="answer this once and exit")
     c.add_argument("--temperature", type=float, default=0.6)
     c.add_argument("--top-k", type=int, default=50)
@@ -1402,9 +1405,7 @@ def main(argv=None):
     x.add_argument("--timeout", type=float, default=SANDBOX_TIMEOUT)
     sub.add_parser("sandbox", help="which of the sandbox's protections this machine provides")
     e = sub.add_parser("export", help="a checkpoint as a Hugging Face folder (transformers, trust_remote_code; hf.py)")
-    e.add_argument("--source", default="sft", type=train.source_type, help="base, mid, sft, rl (or hf:DIR)")
-    e.add_argument("--tag", default=None, help="checkpoint tag (default: the latest)")
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    checkpoint(e, "base, mid, sft, rl (or hf:DIR)")
     e.add_argument("--out", required=True, help="the folder to write (written whole, or not at all)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="of the exported weights")
     e.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
