@@ -348,3 +348,34 @@ def test_a_folder_that_is_no_export_is_one_line(tmp_path, capsys):
             tok.run_main(lambda: serve.main(["--source", f"hf:{folder}", "--device", "cpu", "--port", "0"]))
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and says in err, err
+
+
+def test_lm_eval_harness_scores_an_export_on_a_local_task(exported, tmp_path, monkeypatch):
+    """EleutherAI's lm-evaluation-harness (the `hf` model, trust_remote_code) on an export, offline,
+    on a multiple-choice task defined by local files: the README's command, in-process."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    import lm_eval.tasks
+    rows = [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b)], "answer": 0}
+            for a, b in ((2, 3), (4, 1), (5, 5), (7, 2), (3, 6), (8, 1))]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "sums.yaml").write_text(f"""task: speedchat_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'sums.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={exported['out']},trust_remote_code=True",
+                                  tasks=["speedchat_sums"], task_manager=lm_eval.tasks.TaskManager(include_path=str(tmp_path)),
+                                  device="cpu", batch_size=4)
+    acc = out["results"]["speedchat_sums"]["acc,none"]
+    assert out["n-samples"]["speedchat_sums"]["effective"] == len(rows) and 0 <= acc <= 1
