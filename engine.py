@@ -1018,8 +1018,7 @@ class Batcher:
     def __init__(self, eng, max_rows=MAX_ROWS, cache_tokens=None, max_waiting=MAX_WAITING):
         self.eng, self.max_rows, self.max_waiting = eng, max_rows, max_waiting
         model = eng.model
-        self.context = model.max_positions
-        cache_tokens = max(cache_tokens or max_rows * model.config.sequence_len, self.context + PAGE_TOKENS)
+        cache_tokens = max(cache_tokens or max_rows * model.config.sequence_len, model.max_positions + PAGE_TOKENS)
         self.pool = PagePool(model.config.n_layer, pages_for(cache_tokens), eng.device,
                              torch.bfloat16 if eng.bf16 else None)
         self.waiting, self.preempted, self.active = deque(), [], []  # requests; rows; rows
