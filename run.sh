@@ -26,9 +26,9 @@ HOME_DEFAULT="$HOME/.cache/speedchat"
 if [ "${1:-}" = rehearsal ]; then HOME_DEFAULT+=-rehearsal; fi  # a rehearsal's tokenizer never meets a real run
 export SPEEDCHAT_HOME="${SPEEDCHAT_HOME:-$HOME_DEFAULT}"
 mkdir -p "$SPEEDCHAT_HOME"
-GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 PRESET="${1:-}"
-if [ -z "$PRESET" ]; then
+if [ -z "$PRESET" ]; then  # counting GPUs imports torch (seconds): only when there is a preset to pick
+  GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
   if [ "$GPUS" -gt 0 ]; then
     echo "This machine has $GPUS GPU(s). Pick a preset: bash run.sh d12 (1 GPU) | speedrun (8 GPUs) | cpu (the offline toy world)"
     exit 1

@@ -954,16 +954,45 @@ def sources_at_hand() -> list[str]:
     return have
 
 
-def evaluate(tokenizer: Tokenizer, sources: list[str], max_chars: int = 5_000_000) -> dict:
-    """UTF-8 bytes per token on held-out text of each source: ours, and GPT-2's / GPT-4's when
-    tiktoken can load them (it downloads them once; offline they are skipped with a notice)."""
-    import tiktoken
+# GPT-2's and GPT-4's encodings, compared with ours by `tok.py eval`. No installable package ships their
+# files (tiktoken downloads them once into its cache, TIKTOKEN_CACHE_DIR), so offline they are read from
+# a folder holding them as OpenAI publishes them (https://openaipublic.blob.core.windows.net/encodings/
+# r50k_base.tiktoken, GPT-2's ranks, and cl100k_base.tiktoken), checked against the sha256 tiktoken pins.
+PEERS = {  # name -> (file, sha256, pre-split regex): tiktoken_ext.openai_public's r50k_base and cl100k_base
+    "gpt2": ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+             r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""),
+    "cl100k_base": ("cl100k_base.tiktoken", "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+                    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""),
+}
+
+
+def peer_encodings(folder: str | None = None) -> dict:
+    """{name: tiktoken.Encoding} for PEERS: from `folder` (every file must be there and intact), else
+    through tiktoken's cache or a download (skipped with a notice when neither works)."""
+    import base64, tiktoken
     peers = {}
-    for name in ("gpt2", "cl100k_base"):
-        try:
-            peers[name] = tiktoken.get_encoding(name)
-        except Exception as e:
-            print(f"skipping {name}: cannot load it ({type(e).__name__}; offline?)")
+    for name, (file, sha256, pattern) in PEERS.items():
+        if folder is None:
+            try:
+                peers[name] = tiktoken.get_encoding(name)
+            except Exception as e:  # offline, with nothing in tiktoken's cache
+                print(f"skipping {name}: tiktoken cannot load it ({type(e).__name__}); "
+                      f"offline, pass --encodings DIR holding {file}")
+            continue
+        path = Path(folder) / file
+        if not path.is_file():
+            raise DataError(f"--encodings {folder}: no {file} (GPT-2's ranks are r50k_base.tiktoken; see tok.py PEERS)")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise DataError(f"{path}: not the file OpenAI publishes (its sha256 differs from tiktoken's {sha256[:12]}...)")
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        peers[name] = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return peers
+
+
+def evaluate(tokenizer: Tokenizer, sources: list[str], max_chars: int = 5_000_000, encodings: str | None = None) -> dict:
+    """UTF-8 bytes per token on held-out text of each source: ours, GPT-2's and GPT-4's (cl100k)."""
+    peers = peer_encodings(encodings)
     results = {}
     for src in sources:
         texts = list(iter_documents(src, "val", max_chars=max_chars))
@@ -1199,6 +1228,8 @@ def main(argv=None):
     e.add_argument("--data", action="append", help="source(s); default: every source on disk")
     e.add_argument("--tokenizer", default=None)
     e.add_argument("--max-chars", type=int, default=5_000_000)
+    e.add_argument("--encodings", default=None, help="a folder with r50k_base.tiktoken (GPT-2) and cl100k_base.tiktoken "
+                   "(GPT-4), for offline use; default: tiktoken's cache or a download")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "download":
@@ -1226,7 +1257,7 @@ def main(argv=None):
             sources = args.data or sources_at_hand()
             if not sources:
                 raise DataError("no held-out text on disk: pass --data PATH or download a dataset first")
-            evaluate(tokenizer, sources, args.max_chars)
+            evaluate(tokenizer, sources, args.max_chars, args.encodings)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

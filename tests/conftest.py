@@ -4,6 +4,8 @@ import pytest
 # Tiny test models run fastest on one thread (and far slower on oversubscribed cores); set before
 # torch is imported so subprocesses (gloo ranks, CLI runs) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# pytest -n already keeps every core busy: compiling in-process spares the torch imports of a compile-worker pool
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -216,6 +216,41 @@ def test_iter_documents_caps(tmp_path):
     assert all(len(d) <= 12 for d in docs) and sum(map(len, docs)) == 100
 
 
+def test_eval_compares_with_peer_encodings_read_from_a_folder(tmp_path, tokenizer, monkeypatch, capsys):
+    """`tok.py eval --encodings DIR`: GPT-2's and GPT-4's ranks from local .tiktoken files (tiktoken's own
+    format, checked by sha256), made up here: bytes only for "gpt2", bytes plus "word" for "cl100k_base"."""
+    import base64, hashlib
+    write_sources(tmp_path)
+    ranks = {"gpt2": [bytes([b]) for b in range(256)]}
+    ranks["cl100k_base"] = ranks["gpt2"] + [b"wo", b"rd", b"word", b" word"]
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    for name, (file, _, _) in tok.PEERS.items():
+        data = b"".join(base64.b64encode(t) + b" %d\n" % i for i, t in enumerate(ranks[name]))
+        (enc / file).write_bytes(data)
+        monkeypatch.setitem(tok.PEERS, name, (file, hashlib.sha256(data).hexdigest(), tok.PEERS[name][2]))
+    src = str(tmp_path / "a.jsonl")
+    val = list(tok.iter_documents(src, "val"))
+    row = tok.evaluate(tokenizer, [src], encodings=str(enc))[src]
+    assert row["gpt2"] == 1.0 and row["ours"] == tok.bytes_per_token(tokenizer.encode, val)
+    words = sum(d.count(" word") for d in val)
+    assert row["cl100k_base"] == pytest.approx(sum(map(len, val)) / (sum(map(len, val)) - 4 * words))
+    assert f"ours {row['ours']:.3f}  gpt2 1.000  cl100k_base" in capsys.readouterr().out
+    # a file missing, or not the published one: one line naming it, exit status 2
+    tokenizer.save(tmp_path / "t")
+    cli = ["eval", "--data", src, "--tokenizer", str(tmp_path / "t"), "--encodings", str(enc)]
+    gpt2 = (enc / "r50k_base.tiktoken").read_bytes()
+    (enc / "r50k_base.tiktoken").unlink()
+    with pytest.raises(SystemExit) as exit:
+        tok.main(cli)
+    assert exit.value.code == 2 and "no r50k_base.tiktoken" in capsys.readouterr().err
+    (enc / "r50k_base.tiktoken").write_bytes(gpt2)
+    (enc / "cl100k_base.tiktoken").write_bytes(gpt2)
+    with pytest.raises(SystemExit) as exit:
+        tok.main(cli)
+    assert exit.value.code == 2 and "cl100k_base.tiktoken: not the file OpenAI publishes" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("args, match", [
