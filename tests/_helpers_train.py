@@ -118,8 +118,16 @@ def _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path, 
         torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}, out_path)
 
 
+def spawn_ranks(fn, args, nprocs=2):
+    """mp.spawn, but forked: the ranks start from this process's imports, where spawn would import torch
+    and the test modules again in each (seconds apiece). Safe here: CPU only, and one torch thread
+    (conftest.py), so no thread pool is lost across the fork. fn(rank, *args) in each."""
+    import torch.multiprocessing as mp
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+
+
 def dist_worker(rank, world_size, port, fn_name, args):
-    """mp.spawn entry: gloo process group on CPU, then helpers.<fn_name>(rank, world_size, *args)."""
+    """spawn_ranks entry: gloo process group on CPU, then helpers.<fn_name>(rank, world_size, *args)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

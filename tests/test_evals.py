@@ -1,6 +1,6 @@
 """evals.py: CORE prompts and scoring, chat tasks and grading, downloads (local HTTP server), the
 report card. Fake models with known preferences stand in for GPT: fast and deterministic."""
-import io, json, os, random, re, socket, threading, zipfile
+import io, json, os, random, re, threading, zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -359,10 +359,7 @@ def test_distributed_scoring_equals_one_process(core_setup, tmp_path):
     root, t, model, liked = core_setup
     t.save(tmp_path / "tok")
     (tmp_path / "tok" / "liked.json").write_text(json.dumps(liked))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_dist_worker, args=(port, str(root), str(tmp_path / "tok"), str(tmp_path / "out.json")), nprocs=2)
+    spawn_ranks(_dist_worker, (free_port(), str(root), str(tmp_path / "tok"), str(tmp_path / "out.json")))
     got = json.loads((tmp_path / "out.json").read_text())
     single = evals.evaluate_core(model, t, "cpu", bundle=root)
     assert got["core"]["results"] == pytest.approx(single["results"])

@@ -1,14 +1,14 @@
 """chat_rl.py: advantages, masking of forced tokens, the direction of one update, the loop end to end,
 exact resume, 2 ranks == 1 rank, and clear errors. A tiny model and tokenizer trained on toy text
 stand in for the SFT checkpoint."""
-import functools, json, os, socket
+import functools, json, os
 from dataclasses import asdict
 
 import pytest
 import torch
 
 import chat_rl, engine, evals, tok, train
-from _helpers_train import exit_rank
+from _helpers_train import exit_rank, free_port, spawn_ranks
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,12 +192,6 @@ def test_resume_is_exact(monkeypatch):
     assert [l["step"] for l in lines if "reward" in l] == [0, 1, 2]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, world_size, port, home, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), SPEEDCHAT_HOME=str(home))
@@ -209,12 +203,11 @@ def _rank_main(rank, world_size, port, home, argv):
 
 @pytest.mark.heavy(6)
 def test_two_ranks_match_one(monkeypatch, speedchat_home):
-    import torch.multiprocessing as mp
     monkeypatch.setitem(chat_rl.TASKS, "toy", (ParityTask, 6, 2))
     make_sft_checkpoint()
     argv = ARGS + ["--num-steps", "1", "--prompts-per-step", "4"]
     chat_rl.main(argv + ["--tag", "one"])
-    mp.spawn(_rank_main, args=(2, _free_port(), speedchat_home, argv + ["--tag", "two"]), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, free_port(), speedchat_home, argv + ["--tag", "two"]))
     a, _ = params_of("one")
     b, meta = params_of("two")
     assert meta["world_size"] == 2 and meta["loop"]["rewards"] == json.loads(

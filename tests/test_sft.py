@@ -10,7 +10,7 @@ import chat_sft
 import evals
 import tok
 import train
-from _helpers_train import exit_rank
+from _helpers_train import exit_rank, free_port, spawn_ranks
 
 _TOKENIZER = []
 
@@ -280,7 +280,7 @@ def test_measure_counts_turn_ends_and_tool_calls(monkeypatch):
 
 
 def _rank_main(rank, world_size, port, home, argv):
-    """mp.spawn entry: one torchrun-style rank running chat_sft.main (gloo on CPU)."""
+    """spawn_ranks entry: one torchrun-style rank running chat_sft.main (gloo on CPU)."""
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), SPEEDCHAT_HOME=home)
@@ -294,8 +294,6 @@ def _rank_main(rank, world_size, port, home, argv):
 def test_two_ranks_match_one_rank_with_twice_the_accumulation(speedchat_home):
     """sft on 2 gloo ranks (each its slice of the conversations) == 1 rank accumulating 2 micro-batches:
     the same conversations per step, and the loss weighs every target token the same."""
-    import socket
-    import torch.multiprocessing as mp
     tiny_base()
     args = ["--stage", "sft", "--init-from", "base", "--num-iterations", "3", "--total-batch-size", "8"] + TINY
     torch.set_default_dtype(torch.float64)
@@ -303,10 +301,7 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(speedchat_home):
         chat_sft.main(args + ["--tag", "one"])
     finally:
         torch.set_default_dtype(torch.float32)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(2, port, str(speedchat_home), args + ["--tag", "two"]), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, free_port(), str(speedchat_home), args + ["--tag", "two"]))
     one, two = _log("sft", "one"), _log("sft", "two")
     assert [s for s, _ in one] == [s for s, _ in two] == [0, 1, 2]
     assert [l for _, l in one] == pytest.approx([l for _, l in two], rel=1e-9)  # only the summation order differs

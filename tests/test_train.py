@@ -170,9 +170,8 @@ def test_setup_optimizer_groups_every_parameter_once():
 
 
 def _spawn(fn_name, args, world_size=2):
-    import torch.multiprocessing as mp
     import _helpers_train as h
-    mp.spawn(h.dist_worker, args=(world_size, h.free_port(), fn_name, args), nprocs=world_size, join=True)
+    h.spawn_ranks(h.dist_worker, (world_size, h.free_port(), fn_name, args), world_size)
 
 
 # a GPU-like aspect: head_dim 128, GQA, several layers (3: odd Muon groups leave a rank padding)
