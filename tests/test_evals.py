@@ -10,7 +10,7 @@ import torch
 
 import evals
 import tok
-from _helpers_train import exit_rank
+from _helpers_train import exit_rank, free_port, spawn_ranks
 
 
 # ----------------------------------------------------------------------------- fixtures and fakes
