@@ -330,7 +330,7 @@ def polar_express(G, steps: int = 5):
     return X.mT if tall else X
 
 
-class MuonAdamW(torch.optim.Optimizer):
+class MuonAdamW:
     """Muon for groups of same-shaped block matrices (kind="muon"), AdamW for the rest (kind="adamw").
 
     Gradients are *not* all-reduced before step(): with world_size > 1, step() reduce-scatters them.
@@ -338,17 +338,40 @@ class MuonAdamW(torch.optim.Optimizer):
     momentum of its own k matrices, orthogonalizes them and all-gathers the new weights. AdamW: a
     large tensor whose first dim divides world_size is sharded along dim 0 the same way; small ones
     are all-reduced and updated on every rank. One process runs the same math with k = N.
-    compiled=True compiles the orthogonalization (a graph per group shape, made in the first step)."""
+    compiled=True compiles the orthogonalization (a graph per group shape, made in the first step).
+    Not a torch.optim.Optimizer: its methods import torch._dynamo on first use, seconds of every CPU
+    stage's start. It keeps the same param_groups, state and state_dict layout (older files load)."""
 
     def __init__(self, param_groups, rank: int = 0, world_size: int = 1, compiled: bool = False):
         defaults = dict(lr=0.0, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, momentum=0.95, ns_steps=5)
-        super().__init__(param_groups, defaults)
+        self.param_groups = [{**defaults, **g, "params": list(g["params"])} for g in param_groups]
+        self.state = {}  # param -> its state (a muon group's lives on its first param)
         for g in self.param_groups:
             g.setdefault("initial_lr", g["lr"])
             if g["kind"] == "muon":
                 assert len({p.shape for p in g["params"]}) == 1 and g["params"][0].ndim == 2, "a muon group holds same-shaped matrices"
         self.rank, self.world_size = rank, world_size
         self.orthogonalize = torch.compile(polar_express, dynamic=False, fullgraph=True) if compiled else polar_express
+
+    def params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict:
+        """torch.optim's layout: state and groups' "params" by each parameter's index across the groups."""
+        index = {p: i for i, p in enumerate(self.params())}
+        return {"state": {index[p]: st for p, st in self.state.items()},
+                "param_groups": [{**g, "params": [index[p] for p in g["params"]]} for g in self.param_groups]}
+
+    def load_state_dict(self, state: dict):
+        groups = state["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError(f"its parameter groups ({[len(g['params']) for g in groups]} tensors) are not this "
+                             f"model's ({[len(g['params']) for g in self.param_groups]})")
+        params = self.params()
+        on = lambda p, v: v.to(p.device, p.dtype, copy=True) if torch.is_tensor(v) and v.is_floating_point() else v
+        self.state = {params[i]: {k: on(params[i], v) for k, v in st.items()} for i, st in state["state"].items()}
+        for g, saved in zip(self.param_groups, groups):
+            g.update({k: v for k, v in saved.items() if k != "params"})
 
     def _shardable(self, p):
         return self.world_size > 1 and p.ndim >= 1 and p.numel() >= 1024 and p.size(0) % self.world_size == 0
@@ -384,7 +407,7 @@ class MuonAdamW(torch.optim.Optimizer):
             mine.div_(ws)
         k = mine.size(0)
         own = params[rank * k:(rank + 1) * k]  # fewer than k (or none) on the last ranks: padding
-        state = self.state[params[0]]          # the group's sharded momentum lives on its first param
+        state = self.state.setdefault(params[0], {})  # the group's sharded momentum lives on its first param
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(mine)
         buf, beta = state["momentum_buffer"], group["momentum"]
@@ -429,7 +452,7 @@ class MuonAdamW(torch.optim.Optimizer):
             sharded = self._shardable(p)
             s = p.size(0) // self.world_size if sharded else None
             pv = p.data[self.rank * s:(self.rank + 1) * s] if sharded else p.data
-            st = self.state[p]
+            st = self.state.setdefault(p, {})
             if not st:
                 st["step"], st["exp_avg"], st["exp_avg_sq"] = 0, torch.zeros_like(pv), torch.zeros_like(pv)
             st["step"] += 1

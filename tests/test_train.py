@@ -1,5 +1,5 @@
 """train.py: model, optimizer, loader, loop, checkpoints, distributed equivalence (CPU, tiny)."""
-import json, math
+import copy, json, math
 
 import pytest
 import torch
@@ -168,6 +168,32 @@ def test_setup_optimizer_groups_every_parameter_once():
     assert id(model.lm_head.weight) not in muon and id(model.wte.weight) not in muon
     assert all(p.ndim == 2 for g in opt.param_groups if g["kind"] == "muon" for p in g["params"])
 
+
+
+def test_optimizer_state_dict_is_torch_optims_and_round_trips():
+    """MuonAdamW is not a torch.optim.Optimizer (whose methods import torch._dynamo), but its state_dict is
+    torch's: a file written before (by torch.optim's state_dict) loads, and a wrong one is refused."""
+    def steps(model, opt, n, seed):
+        for i in range(n):
+            x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(seed + i))
+            model.zero_grad(set_to_none=True)
+            model(x, x).backward()
+            opt.step()
+    a = tiny_model()
+    opt_a = train.setup_optimizer(a)
+    steps(a, opt_a, 2, 0)
+    as_torch = torch.optim.Optimizer([{k: v for k, v in g.items()} for g in opt_a.param_groups], {})
+    as_torch.state.update(opt_a.state)
+    ours, theirs = opt_a.state_dict(), as_torch.state_dict()
+    assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
+    b = copy.deepcopy(a)
+    opt_b = train.setup_optimizer(b)
+    opt_b.load_state_dict(theirs)
+    steps(a, opt_a, 2, 10), steps(b, opt_b, 2, 10)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    theirs["param_groups"][0]["params"].pop()
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt_b.load_state_dict(theirs)
 
 def _spawn(fn_name, args, world_size=2):
     import _helpers_train as h
