@@ -954,10 +954,11 @@ def sources_at_hand() -> list[str]:
     return have
 
 
-# GPT-2's and GPT-4's encodings, compared with ours by `tok.py eval`. No installable package ships their
-# files (tiktoken downloads them once into its cache, TIKTOKEN_CACHE_DIR), so offline they are read from
-# a folder holding them as OpenAI publishes them (https://openaipublic.blob.core.windows.net/encodings/
-# r50k_base.tiktoken, GPT-2's ranks, and cl100k_base.tiktoken), checked against the sha256 tiktoken pins.
+# GPT-2's and GPT-4's encodings, compared with ours by `tok.py eval`. tiktoken downloads them once (into
+# TIKTOKEN_CACHE_DIR); offline they are read from a folder holding them as OpenAI publishes them
+# (https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken, GPT-2's ranks, and
+# cl100k_base.tiktoken), checked against the sha256 tiktoken pins. No package made for the job ships
+# them; bench/peer_encodings.sh takes them from two that carry them.
 PEERS = {  # name -> (file, sha256, pre-split regex): tiktoken_ext.openai_public's r50k_base and cl100k_base
     "gpt2": ("r50k_base.tiktoken", "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
              r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""),

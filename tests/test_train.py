@@ -182,7 +182,7 @@ def test_optimizer_state_dict_is_torch_optims_and_round_trips():
     a = tiny_model()
     opt_a = train.setup_optimizer(a)
     steps(a, opt_a, 2, 0)
-    as_torch = torch.optim.Optimizer([{k: v for k, v in g.items()} for g in opt_a.param_groups], {})
+    as_torch = torch.optim.Optimizer([dict(g) for g in opt_a.param_groups], {})
     as_torch.state.update(opt_a.state)
     ours, theirs = opt_a.state_dict(), as_torch.state_dict()
     assert ours["param_groups"] == theirs["param_groups"] and ours["state"].keys() == theirs["state"].keys()
