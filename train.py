@@ -1407,7 +1407,10 @@ def autocast(device, bf16: bool | None = None):
 
 def compiled_graphs() -> int:
     """Graphs torch.compile has made in this process: after a run's first step and first evaluation the
-    count should never grow again (a recompile per step is a silent slowdown)."""
+    count should never grow again (a recompile per step is a silent slowdown). An eager run never imports
+    torch._dynamo (seconds of imports), so it has made none."""
+    if "torch._dynamo" not in sys.modules:
+        return 0
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 

@@ -118,12 +118,28 @@ def _run_optimizer_steps(train, rank, world_size, steps, micro_total, out_path, 
         torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses}, out_path)
 
 
-def spawn_ranks(fn, args, nprocs=2):
-    """mp.spawn, but forked: the ranks start from this process's imports, where spawn would import torch
-    and the test modules again in each (seconds apiece). Safe here: CPU only, and one torch thread
-    (conftest.py), so no thread pool is lost across the fork. fn(rank, *args) in each."""
+# Modules every rank needs, imported once by the fork server rather than once per rank.
+RANK_PRELOAD = ["torch", "torch.distributed", "pytest", "tok", "train", "engine", "evals", "chat_sft", "chat_rl",
+                "_helpers_train"]
+
+
+def spawn_ranks(fn, args, nprocs=2, timeout=300):
+    """mp.spawn through a fork server: the ranks are forked from a clean process that imported
+    RANK_PRELOAD once (spawn would import torch in each, seconds apiece). Not forked from this process:
+    a test worker has threads (torch's pool, servers of earlier tests) whose locks a fork can leave
+    held forever (CI once hung 30 minutes in a gloo recv). fn(rank, *args) in each, importable by
+    name; a rank that hangs fails the test after `timeout` seconds."""
+    import multiprocessing
+    import time
     import torch.multiprocessing as mp
-    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="fork")
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"{fn.__module__}.{fn.__name__}: ranks still running after {timeout} s")
 
 
 def dist_worker(rank, world_size, port, fn_name, args):
