@@ -36,15 +36,6 @@ CONTEXT = 128
 
 # ----------------------------------------------------------------------------- models and helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models decode ~20x faster on one thread than on two busy cores (and threads race here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     rng = random.Random(0)

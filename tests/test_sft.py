@@ -15,15 +15,6 @@ from _helpers_train import exit_rank, free_port, spawn_ranks
 _TOKENIZER = []
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two (thread sync dominates), much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def toy_tokenizer():
     """A small BPE trained on toy-world documents (once per session), saved into this test's home."""
     if not _TOKENIZER:

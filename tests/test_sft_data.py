@@ -13,7 +13,6 @@ import evals
 import tok
 import train
 from _helpers_train import tiny_model
-from test_sft import one_thread  # noqa: F401  (autouse: one thread for tiny matrices)
 
 # ----------------------------------------------------------------------------- a made-up style
 

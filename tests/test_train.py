@@ -10,16 +10,6 @@ from _helpers_train import SimpleKVCache, tiny_model, scramble
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spinning
-    barriers can make them 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- model
 
 def test_causality_earlier_logits_never_see_later_tokens():
