@@ -183,7 +183,9 @@ def test_logits_equal_speedchat_on_prompts_longer_than_the_window(exported, tran
 
 def test_bf16_export_is_close(exported, transformers_loaded):
     transformers, _, _ = transformers_loaded
-    bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(exported["bf16"]), trust_remote_code=True).eval()
+    # "auto": the config's bf16 (transformers 5's default; 4.x loads fp32 unless asked, by torch_dtype)
+    auto = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": "auto"}
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(str(exported["bf16"]), trust_remote_code=True, **auto).eval()
     assert next(bf16.parameters()).dtype == torch.bfloat16
     ids = torch.randint(0, exported["tokenizer"].vocab_size, (2, 96))
     with torch.no_grad():
