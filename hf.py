@@ -164,6 +164,7 @@ def tokenizer_files(tokenizer: tok.Tokenizer, max_positions: int) -> dict:
     specials = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>"}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": False, "add_eos_token": False,
               "model_max_length": max_positions, "clean_up_tokenization_spaces": False, "chat_template": chat_template(),
+              "model_input_names": ["input_ids", "attention_mask"],  # no token_type_ids, which generate() refuses
               "additional_special_tokens": [s for s in tok.SPECIAL_TOKENS if s not in specials.values()]}
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
             "special_tokens_map.json": {**specials, "additional_special_tokens": config["additional_special_tokens"]}}
@@ -225,6 +226,9 @@ def model_config(model, meta: dict, dtype: str) -> dict:
             "speedchat": {k: meta.get(k) for k in ("source", "tag", "step", "tokenizer_hash")}}
 
 
+CARD_DIR = 'DIR = "."  # this folder, or its Hub id'
+
+
 def model_card(config: dict, num_params: int) -> str:
     """README.md of the export: what it is, how to load it, and the report card's figures where a run wrote one."""
     s = config["speedchat"]
@@ -233,10 +237,13 @@ def model_card(config: dict, num_params: int) -> str:
              f"A {num_params / 1e6:.1f}M-parameter GPT trained with speedchat: depth {config['n_layer']}, width {config['n_embd']}, "
              f"{config['n_head']} query / {config['n_kv_head']} key-value heads, trained context {config['sequence_len']} tokens "
              f"(window pattern {config['window_pattern']}), vocabulary {config['vocab_size']}; weights in {config['dtype']}.", "",
-             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", CARD_DIR,
              "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # modeling_speedchat.py",
-             "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-             "ids = tokenizer.apply_chat_template([{'role': 'user', 'content': 'hi'}], add_generation_prompt=True, return_tensors='pt')",
+             "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)  # for the config; the tokenizer is plain",
+             "chat = [{'role': 'user', 'content': 'What is 2+3?'}]",
+             "ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors='pt', return_dict=True)",
+             "out = model.generate(**ids, max_new_tokens=64, do_sample=False)",
+             "print(tokenizer.decode(out[0, ids['input_ids'].shape[1]:], skip_special_tokens=True))",
              "```", "", "In speedchat: `python engine.py chat --source hf:DIR`, `python serve.py --source hf:DIR`, "
              "`python evals.py chat --source hf:DIR`, `python chat_sft.py --stage sft --init-from hf:DIR`.", ""]
     report = tok.home() / "report"

@@ -146,6 +146,24 @@ def test_export_folder_has_everything_transformers_reads(exported):
     assert hf.load_safetensors(exported["bf16"] / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
 
 
+def test_the_model_cards_example_runs_and_answers_as_the_engine(exported, transformers_loaded, capsys):
+    """The card's python block, as a user pastes it: load, chat template, generate() with the
+    tokenizer's own inputs (no token_type_ids), decode."""
+    import engine
+    card = (exported["out"] / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0].replace(hf.CARD_DIR, f"DIR = {str(exported['out'])!r}")
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    t = exported["tokenizer"]
+    eng = engine.Engine(exported["model"], t, tool=None)  # generate() runs no tools
+    prompt = t.render_for_completion([{"role": "user", "content": "What is 2+3?"}])
+    ids = [out[0] for out, _ in eng.generate(prompt, 1, max_tokens=64, temperature=0.0)]
+    stop = [t.special(s) for s in engine.STOP_TOKENS]
+    ids = ids[:min([ids.index(s) for s in stop if s in ids] + [len(ids)])]
+    assert printed == t.decode([i for i in ids if i not in t.specials.values()]) + "\n"  # skip_special_tokens
+
+
 def test_export_refuses_a_non_empty_out_and_names_a_bad_source(exported, capsys, monkeypatch):
     import engine
     monkeypatch.setenv("SPEEDCHAT_HOME", str(exported["home"]))
