@@ -248,6 +248,31 @@ def test_tokenizer_encodes_and_decodes_as_tok_py(exported, transformers_loaded):
     assert hf.tokenizer_from_hf(exported["out"] / "tokenizer.json").hash == t.hash
 
 
+def test_tokenizer_json_agrees_with_tok_py_on_random_hostile_text():
+    """A larger vocabulary (more merges whose order could matter) against 3,000 random strings: any
+    code point, whitespace runs, contractions, digits, combining marks, emoji sequences."""
+    import random
+    tokenizers = pytest.importorskip("tokenizers")
+    rng = random.Random(0)
+    pieces = [" ", "  ", "\n", "\r\n", "\t", "\u00a0", "\u3000", "a", "1", "12345", "'s", "'LL", "é", "e\u0301", "😀",
+              "👩\u200d👩\u200d👧", "中文", "العربية", "ß", "İ", "ﬁ", "\x00", "\x7f", "the", " the", "The"]
+    letters = "abcdefghijklmnopqrstuvwxyzéßİ中文字العربية😀0123456789"
+    words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
+    t = tok.train_tokenizer([" ".join(rng.choice(words) for _ in range(200)) for _ in range(300)], 1200)
+    assert len(t.merges) > 600
+    h = tokenizers.Tokenizer.from_str(json.dumps(hf.tokenizer_files(t, 64)["tokenizer.json"]))
+
+    def text():
+        if rng.random() < 0.5:
+            return "".join(rng.choice(pieces) for _ in range(rng.randint(1, 40)))
+        cps = [rng.choice([rng.randrange(0x20, 0x7f), rng.randrange(0x80, 0x110000)]) for _ in range(rng.randint(1, 40))]
+        return "".join(chr(c) for c in cps if not 0xD800 <= c < 0xE000)  # no lone surrogates: not text
+    for s in (text() for _ in range(3000)):
+        ids = t.encode(s)
+        assert h.encode(s, add_special_tokens=False).ids == ids, repr(s)
+        assert h.decode(ids, skip_special_tokens=False) == t.decode(ids), repr(s)
+
+
 @pytest.mark.parametrize("k", range(len(CONVERSATIONS)))
 def test_chat_template_renders_as_tok_py(exported, transformers_loaded, k):
     _, _, hf_tok = transformers_loaded
