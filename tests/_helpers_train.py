@@ -146,7 +146,6 @@ def dist_worker(rank, world_size, port, fn_name, args):
     """spawn_ranks entry: gloo process group on CPU, then helpers.<fn_name>(rank, world_size, *args)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     import torch.distributed as dist
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:

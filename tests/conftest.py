@@ -2,8 +2,8 @@ import os, sys, pathlib
 import pytest
 
 # Tiny test models gain nothing from intra-op threads, and on busy cores OpenMP's spinning barriers
-# make them up to 100x slower: one thread, set before torch is imported, so every test, gloo rank and
-# CLI run has it.
+# make them up to 100x slower: one thread, set before torch is imported, so every test, CLI run and
+# gloo rank (through the fork server, which inherits it) has it.
 os.environ["OMP_NUM_THREADS"] = "1"
 # pytest -n already keeps every core busy: compiling in-process spares the torch imports of a compile-worker pool
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

@@ -195,7 +195,6 @@ def test_resume_is_exact(monkeypatch):
 def _rank_main(rank, world_size, port, home, argv):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), SPEEDCHAT_HOME=str(home))
-    torch.set_num_threads(1)
     chat_rl.TASKS["toy"] = (ParityTask, 6, 2)
     chat_rl.main(argv)
     exit_rank()

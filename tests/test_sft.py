@@ -275,7 +275,6 @@ def _rank_main(rank, world_size, port, home, argv):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), SPEEDCHAT_HOME=home)
-    torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)  # fp32 noise would hide the comparison (Adam amplifies tiny gradients)
     chat_sft.main(argv)
     exit_rank()

@@ -159,7 +159,6 @@ def test_setup_optimizer_groups_every_parameter_once():
     assert all(p.ndim == 2 for g in opt.param_groups if g["kind"] == "muon" for p in g["params"])
 
 
-
 def test_optimizer_state_dict_is_torch_optims_and_round_trips():
     """MuonAdamW is not a torch.optim.Optimizer (whose methods import torch._dynamo), but its state_dict is
     torch's: a file written before (by torch.optim's state_dict) loads, and a wrong one is refused."""
@@ -184,6 +183,7 @@ def test_optimizer_state_dict_is_torch_optims_and_round_trips():
     theirs["param_groups"][0]["params"].pop()
     with pytest.raises(ValueError, match="parameter groups"):
         opt_b.load_state_dict(theirs)
+
 
 def _spawn(fn_name, args, world_size=2):
     import _helpers_train as h
